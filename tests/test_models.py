@@ -1,0 +1,264 @@
+"""Models: torchvision layout, shapes and dtypes, and a numpy re-computation of the forward pass.
+
+The numpy reference below is written from torchvision's definition (symmetric padding k//2,
+maxpool 3x3/2 pad 1 with -inf, v1.5 stride in the 3x3 conv, BN eps 1e-5 momentum 0.1), not
+from the Flax code, so padding or stride mistakes show up as numeric differences.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lmoe_jax.models import MODEL_NAMES, create_model
+
+EPS = 1e-5
+
+
+def _config(name, width=None, dtype='float32', **extra):
+    c = ml_collections.ConfigDict({'name': name, 'dtype': dtype, 'pretrained': None})
+    if width is not None:
+        c.width = width
+    c.update(extra)
+    return c
+
+
+def _randomize_batch_stats(variables, seed=0):
+    """Non-trivial BN running statistics so eval mode is not the identity."""
+    rng = np.random.default_rng(seed)
+    stats = jax.tree_util.tree_map_with_path(
+        lambda path, v: (rng.uniform(0.5, 2.0, v.shape) if path[-1].key == 'var'
+                         else rng.normal(0, 0.1, v.shape)).astype(np.float32),
+        variables['batch_stats'])
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: (rng.uniform(0.5, 1.5, v.shape).astype(np.float32)
+                         if path[-1].key == 'scale' else
+                         rng.normal(0, 0.1, v.shape).astype(np.float32)
+                         if path[-1].key == 'bias' else np.asarray(v)),
+        variables['params'])
+    return {'params': params, 'batch_stats': stats}
+
+
+# ----------------------------------------------------------------- numpy reference (torchvision)
+
+def np_conv(x, kernel, stride, pad):
+    """NHWC conv with an HWIO kernel and symmetric zero padding, like torch.nn.Conv2d."""
+    kh, kw = kernel.shape[:2]
+    x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    ho = (x.shape[1] - kh) // stride + 1
+    wo = (x.shape[2] - kw) // stride + 1
+    out = np.zeros((x.shape[0], ho, wo, kernel.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+            out += patch @ kernel[i, j]
+    return out
+
+
+def np_maxpool_3x3_s2_p1(x):
+    x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    ho = (x.shape[1] - 3) // 2 + 1
+    wo = (x.shape[2] - 3) // 2 + 1
+    out = np.full((x.shape[0], ho, wo, x.shape[3]), -np.inf)
+    for i in range(3):
+        for j in range(3):
+            out = np.maximum(out, x[:, i:i + 2 * (ho - 1) + 1:2, j:j + 2 * (wo - 1) + 1:2, :])
+    return out
+
+
+def np_bn(x, p, s):
+    return (x - s['mean']) / np.sqrt(s['var'] + EPS) * p['scale'] + p['bias']
+
+
+def relu(x):
+    return np.maximum(x, 0)
+
+
+def np_block(x, p, s, bottleneck, stride):
+    if bottleneck:
+        y = relu(np_bn(np_conv(x, p['conv1']['kernel'], 1, 0), p['bn1'], s['bn1']))
+        y = relu(np_bn(np_conv(y, p['conv2']['kernel'], stride, 1), p['bn2'], s['bn2']))
+        y = np_bn(np_conv(y, p['conv3']['kernel'], 1, 0), p['bn3'], s['bn3'])
+    else:
+        y = relu(np_bn(np_conv(x, p['conv1']['kernel'], stride, 1), p['bn1'], s['bn1']))
+        y = np_bn(np_conv(y, p['conv2']['kernel'], 1, 1), p['bn2'], s['bn2'])
+    if 'downsample_0' in p:
+        x = np_bn(np_conv(x, p['downsample_0']['kernel'], stride, 0),
+                  p['downsample_1'], s['downsample_1'])
+    return relu(y + x)
+
+
+def np_resnet(variables, x, blocks, bottleneck, small_stem=False):
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables['params'])
+    s = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables['batch_stats'])
+    x = np.asarray(x, np.float64)
+    if small_stem:
+        x = relu(np_bn(np_conv(x, p['conv1']['kernel'], 1, 1), p['bn1'], s['bn1']))
+    else:
+        x = relu(np_bn(np_conv(x, p['conv1']['kernel'], 2, 3), p['bn1'], s['bn1']))
+        x = np_maxpool_3x3_s2_p1(x)
+    for stage, n in enumerate(blocks):
+        for j in range(n):
+            name = f'layer{stage + 1}_{j}'
+            stride = 2 if stage > 0 and j == 0 else 1
+            x = np_block(x, p[name], s[name], bottleneck, stride)
+    feats = x.mean(axis=(1, 2))
+    return feats @ p['fc']['kernel'] + p['fc']['bias'], feats
+
+
+# ----------------------------------------------------------------- tests
+
+@pytest.mark.parametrize('name,blocks,bottleneck,size,small', [
+    ('resnet18', (2, 2, 2, 2), False, 33, False),   # odd size: exercises the padding arithmetic
+    ('resnet50', (3, 4, 6, 3), True, 32, False),
+    ('small_cnn', (1, 1, 1), False, 28, True),
+])
+def test_forward_matches_numpy_reference(name, blocks, bottleneck, size, small):
+    model = create_model(_config(name, width=4), num_classes=5)
+    x = np.random.default_rng(1).normal(size=(2, size, size, 1 if small else 3)).astype(np.float32)
+    variables = _randomize_batch_stats(model.init(jax.random.key(0), x, train=False))
+    logits, feats = model.apply(variables, x, train=False, return_features=True)
+    ref_logits, ref_feats = np_resnet(variables, x, blocks, bottleneck, small_stem=small)
+    # float32 XLA convs against a float64 reference over ~50 layers.
+    np.testing.assert_allclose(np.asarray(feats), ref_feats, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name,expected', [
+    # torchvision's published parameter counts (num_classes=1000), trainable params only.
+    ('resnet18', 11_689_512), ('resnet34', 21_797_672), ('resnet50', 25_557_032)])
+def test_full_width_parameter_count_matches_torchvision(name, expected):
+    model = create_model(_config(name), num_classes=1000)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)),
+                                               train=False))
+    count = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(shapes['params']))
+    assert count == expected
+
+
+def test_module_names_follow_torchvision_keys():
+    model = create_model(_config('resnet50', width=4), num_classes=3)
+    v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    assert set(v) == {'params', 'batch_stats'}
+    p = v['params']
+    top = sorted(p)
+    assert top == sorted(['conv1', 'bn1', 'fc'] + [
+        f'layer{i}_{j}' for i, n in zip(range(1, 5), (3, 4, 6, 3)) for j in range(n)])
+    assert sorted(p['layer1_0']) == ['bn1', 'bn2', 'bn3', 'conv1', 'conv2', 'conv3',
+                                     'downsample_0', 'downsample_1']
+    assert 'downsample_0' not in p['layer1_1']
+    assert p['layer2_0']['conv2']['kernel'].shape == (3, 3, 8, 8)   # v1.5: stride lives here
+    assert p['fc']['kernel'].shape == (4 * 8 * 4, 3)
+    assert sorted(v['batch_stats']['layer3_0']['downsample_1']) == ['mean', 'var']
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet34', 'resnet50', 'small_cnn'])
+def test_bfloat16_compute_keeps_float32_params_and_outputs(name):
+    model = create_model(_config(name, width=4, dtype='bfloat16'), num_classes=7)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+    assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(variables))
+    logits, feats = model.apply(variables, x, train=False, return_features=True)
+    assert logits.dtype == jnp.float32 and feats.dtype == jnp.float32
+    assert logits.shape == (2, 7) and np.isfinite(np.asarray(logits)).all()
+    logits_tr, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    assert logits_tr.dtype == jnp.float32
+    assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(updates))
+    # bf16 compute stays close to the float32 model with the same variables.
+    ref = create_model(_config(name, width=4), num_classes=7).apply(variables, x, train=False)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), rtol=0.1, atol=0.1)
+
+
+def test_train_mode_updates_batch_stats_with_torchvision_momentum():
+    model = create_model(_config('resnet18', width=4), num_classes=3)
+    x = np.random.default_rng(2).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    variables = _randomize_batch_stats(model.init(jax.random.key(0), x))
+    _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    # Stem BN sees conv1(x); torch: running = 0.9 * running + 0.1 * batch statistic.
+    h = np_conv(x.astype(np.float64), np.asarray(variables['params']['conv1']['kernel'],
+                                                 np.float64), 2, 3)
+    old = variables['batch_stats']['bn1']
+    np.testing.assert_allclose(np.asarray(updates['batch_stats']['bn1']['mean']),
+                               0.9 * old['mean'] + 0.1 * h.mean(axis=(0, 1, 2)), rtol=1e-5,
+                               atol=1e-5)
+    # Flax uses the biased batch variance (torch: unbiased, a factor n/(n-1) = 1.0004 here).
+    np.testing.assert_allclose(np.asarray(updates['batch_stats']['bn1']['var']),
+                               0.9 * old['var'] + 0.1 * h.var(axis=(0, 1, 2)), rtol=1e-4,
+                               atol=1e-5)
+    assert jax.tree_util.tree_structure(updates['batch_stats']) == \
+        jax.tree_util.tree_structure(variables['batch_stats'])
+
+
+def test_train_mode_normalizes_with_batch_statistics():
+    """In train mode the output must not depend on the running statistics."""
+    model = create_model(_config('small_cnn', width=4), num_classes=3)
+    x = np.random.default_rng(3).normal(size=(4, 28, 28, 1)).astype(np.float32)
+    v = model.init(jax.random.key(0), x)
+    a, _ = model.apply(v, x, train=True, mutable=['batch_stats'])
+    b, _ = model.apply(_randomize_batch_stats(v, seed=5) | {'params': v['params']}, x,
+                       train=True, mutable=['batch_stats'])
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    c = model.apply(_randomize_batch_stats(v, seed=5) | {'params': v['params']}, x, train=False)
+    assert not np.allclose(np.asarray(a), np.asarray(c), atol=1e-3)
+
+
+def test_features_are_penultimate_and_feed_fc():
+    model = create_model(_config('resnet50', width=4), num_classes=6)
+    x = jnp.ones((3, 32, 32, 3))
+    v = model.init(jax.random.key(1), x)
+    logits, feats = jax.jit(lambda v, x: model.apply(v, x, return_features=True))(v, x)
+    assert feats.shape == (3, 4 * 8 * 4)
+    fc = v['params']['fc']
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(feats) @ np.asarray(fc['kernel'])
+                               + np.asarray(fc['bias']), rtol=1e-5, atol=1e-5)
+
+
+def test_zero_init_residual_flag():
+    x = jnp.zeros((1, 32, 32, 3))
+    off = create_model(_config('resnet50', width=4), 3).init(jax.random.key(0), x)
+    on = create_model(_config('resnet50', width=4, zero_init_residual=True), 3).init(
+        jax.random.key(0), x)
+    assert np.all(np.asarray(off['params']['layer1_0']['bn3']['scale']) == 1.0)
+    assert np.all(np.asarray(on['params']['layer1_0']['bn3']['scale']) == 0.0)
+    assert np.all(np.asarray(on['params']['layer1_0']['bn2']['scale']) == 1.0)
+    on18 = create_model(_config('resnet18', width=4, zero_init_residual=True), 3).init(
+        jax.random.key(0), x)
+    assert np.all(np.asarray(on18['params']['layer4_1']['bn2']['scale']) == 0.0)
+    assert np.all(np.asarray(on18['params']['layer4_0']['downsample_1']['scale']) == 1.0)
+
+
+def test_width_defaults_to_torchvision_and_dict_configs_work():
+    model = create_model({'name': 'resnet18'}, 10)
+    assert model.width == 64 and model.dtype == jnp.float32
+    assert create_model({'name': 'small_cnn'}, 10).width == 16
+
+
+def test_bn_axis_name_averages_statistics_across_devices():
+    """With the pmap axis name, per-device BN equals BN over the global batch."""
+    model = create_model(_config('small_cnn', width=4), 3)
+    n = 2
+    x = np.random.default_rng(4).normal(size=(n * 2, 28, 28, 1)).astype(np.float32)
+    v = model.init(jax.random.key(0), x)
+    global_logits, global_upd = model.apply(v, x, train=True, mutable=['batch_stats'])
+    synced = create_model(_config('small_cnn', width=4), 3, bn_axis_name='batch')
+    out, upd = jax.pmap(lambda v, x: synced.apply(v, x, train=True, mutable=['batch_stats']),
+                        axis_name='batch', in_axes=(None, 0), devices=jax.devices()[:n])(
+        v, x.reshape(n, 2, 28, 28, 1))
+    np.testing.assert_allclose(np.asarray(out).reshape(-1, 3), np.asarray(global_logits),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(upd['batch_stats']['bn1']['mean'][0]),
+                               np.asarray(global_upd['batch_stats']['bn1']['mean']), rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize('bad,match', [
+    ({'name': 'vit_b16'}, 'resnet18, resnet34, resnet50, small_cnn'),
+    ({'name': 'resnet18', 'dtype': 'int8'}, 'float32, bfloat16'),
+    ({'name': 'resnet18', 'width': 0}, 'positive integer'),
+])
+def test_bad_config_raises_clear_error(bad, match):
+    with pytest.raises(ValueError, match=match):
+        create_model(bad, 10)
+
+
+def test_model_names_are_the_documented_ones():
+    assert MODEL_NAMES == ('resnet18', 'resnet34', 'resnet50', 'small_cnn')
