@@ -1,0 +1,135 @@
+"""FGVC-Aircraft 2013b (Maji et al. 2013): 100 aircraft variants, 6,667 trainval / 3,333 test.
+
+The TFDS catalog lacks it. The official archive is downloaded by URL, or read from the manual
+directory when placed there by hand (the archive itself or its extracted folder). Labels are the
+100 variants in the order of ``variants.txt``; train = the official ``trainval`` list. Images are
+stored as the original JPEG bytes (the 20 px copyright banner at the bottom is kept, as in the
+MixOE benchmark code, which does not crop it).
+"""
+from __future__ import annotations
+
+import os
+
+import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image
+
+from lmoe_jax.data.files import DataFileError
+
+URL = 'https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz'
+ARCHIVE = 'fgvc-aircraft-2013b.tar.gz'
+FOLDER = 'fgvc-aircraft-2013b'
+SPLIT_FILES = {'train': 'images_variant_trainval.txt', 'test': 'images_variant_test.txt'}
+MANUAL_INSTRUCTIONS = f"""\
+Download the official archive {ARCHIVE} (2.6 GiB) from
+  {URL}
+(page: https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/) and put it, or the folder
+{FOLDER}/ it extracts to, into the manual directory (config.data.manual_dir; TFDS default
+~/tensorflow_datasets/downloads/manual/). Expected inside: {FOLDER}/data/variants.txt,
+{FOLDER}/data/images_variant_trainval.txt, {FOLDER}/data/images_variant_test.txt and
+{FOLDER}/data/images/<id>.jpg.
+"""
+
+
+def read_variant_list(path: str) -> list[tuple[str, str]]:
+    """(image id, variant) pairs of an ``images_variant_*.txt`` file (variants may hold spaces)."""
+    pairs = []
+    with open(path, encoding='utf-8') as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            image_id, sep, variant = line.partition(' ')
+            if not sep or not variant.strip():
+                raise DataFileError(f'{path}:{line_no} must read "<image id> <variant>", got {line!r}.')
+            pairs.append((image_id, variant.strip()))
+    return pairs
+
+
+def is_readable_image(path: str) -> bool:
+    """Whether PIL can fully decode ``path`` (a truncated or corrupt JPEG is not)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
+    """FGVC-Aircraft 2013b at the variant level (100 classes)."""
+
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'Variant level, trainval/test, original JPEG bytes.'}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS
+
+    def _info(self):
+        return self.dataset_info_from_configs(
+            description='FGVC-Aircraft 2013b, 100 variants (MixOE benchmark: 90 ID / 10 OOD).',
+            features=tfds.features.FeaturesDict({
+                'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+                'label': tfds.features.ClassLabel(num_classes=100),
+                'variant': tfds.features.Text(),
+                'image/filename': tfds.features.Text(),
+            }),
+            supervised_keys=('image', 'label'),
+            homepage='https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/',
+        )
+
+    def _split_generators(self, dl_manager):
+        data_dir = os.path.join(self._locate_root(dl_manager), FOLDER, 'data')
+        variants_path = os.path.join(data_dir, 'variants.txt')
+        if not os.path.exists(variants_path):
+            raise FileNotFoundError(
+                f'fgvc_aircraft: {variants_path} is missing; the archive is incomplete.\n'
+                + MANUAL_INSTRUCTIONS)
+        with open(variants_path, encoding='utf-8') as f:
+            variants = [v.strip() for v in f if v.strip()]
+        if len(variants) != 100 or len(set(variants)) != 100:
+            raise DataFileError(f'{variants_path} must list 100 distinct variants, found {len(variants)}.')
+        index = {v: i for i, v in enumerate(variants)}
+        splits = {}
+        for split, list_name in SPLIT_FILES.items():
+            list_path = os.path.join(data_dir, list_name)
+            if not os.path.exists(list_path):
+                raise FileNotFoundError(f'fgvc_aircraft: {list_path} is missing.\n' + MANUAL_INSTRUCTIONS)
+            pairs = read_variant_list(list_path)
+            unknown = sorted({v for _, v in pairs if v not in index})
+            if unknown:
+                raise DataFileError(f'{list_path} names variants not in variants.txt: {unknown[:5]}.')
+            splits[split] = (pairs, os.path.join(data_dir, 'images'))
+        return {split: self._generate_examples(pairs, image_dir, index)
+                for split, (pairs, image_dir) in splits.items()}
+
+    def _locate_root(self, dl_manager) -> str:
+        """Folder that holds ``fgvc-aircraft-2013b/``: manual dir first, else download by URL."""
+        manual = getattr(dl_manager, '_manual_dir', None)
+        if manual and os.path.isdir(os.fspath(manual)):
+            manual = os.fspath(manual)
+            if os.path.isdir(os.path.join(manual, FOLDER)):
+                return manual
+            if os.path.exists(os.path.join(manual, ARCHIVE)):
+                return os.fspath(dl_manager.extract(os.path.join(manual, ARCHIVE)))
+        try:
+            return os.fspath(dl_manager.download_and_extract(URL))
+        except Exception as e:  # noqa: BLE001 - any download failure gets the manual route
+            raise FileNotFoundError(
+                f'fgvc_aircraft is not prepared and could not be downloaded ({type(e).__name__}: '
+                f'{e}).\n' + MANUAL_INSTRUCTIONS) from e
+
+    def _generate_examples(self, pairs, image_dir, index):
+        skipped = 0
+        for image_id, variant in pairs:
+            path = os.path.join(image_dir, f'{image_id}.jpg')
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f'fgvc_aircraft: {path} is listed but missing; the archive is incomplete.\n'
+                    + MANUAL_INSTRUCTIONS)
+            if not is_readable_image(path):
+                skipped += 1
+                logging.warning('fgvc_aircraft: skipping corrupt image %s', path)
+                continue
+            yield image_id, {'image': path, 'label': index[variant], 'variant': variant,
+                             'image/filename': f'{image_id}.jpg'}
+        if skipped:
+            logging.warning('fgvc_aircraft: skipped %d corrupt images in %s', skipped, image_dir)

@@ -1,0 +1,392 @@
+"""tf.data pipelines: the endless, resumable train stream and the padded, masked eval sets.
+
+Determinism and resume: epoch ``e`` of process ``p`` reads its own part of the ID training split,
+shuffles files and a buffer with seeds derived from (seed, 'id', p, e), keeps the first
+``steps_per_epoch * B`` ID examples and augments each with a stateless seed from
+(seed, 'id-aug', p, e) and its position in the epoch. The outlier stream is re-shuffled with
+seeds from (seed, 'ood', p, e) at every ID epoch (MixOE's random outlier offset per epoch) and
+repeats endlessly within it. So ``start_step=k`` rebuilds epoch ``k // steps_per_epoch`` and skips
+``(k % steps_per_epoch) * B`` serialized examples of each stream *before* decoding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from lmoe_jax.data import preprocess, sources
+from lmoe_jax.data.sources import DataConfigError, _get
+from lmoe_jax.data.splits import ClassSplit, class_split
+
+AUTOTUNE = tf.data.AUTOTUNE
+EVAL_KINDS = ('id', 'fine_ood', 'coarse_ood')
+
+
+class DatasetInfo(NamedTuple):
+    """What the trainer needs to know before the first batch."""
+
+    name: str
+    num_classes: int  # classes of the ID dataset, ID and held-out together
+    num_id_classes: int
+    class_split: ClassSplit
+    image_shape: tuple  # (H, W, C) of every image the streams yield
+    train_size: int  # ID training examples over all processes (after the validation hold-out)
+    train_sizes: tuple  # ID training examples per process part (index = process_index)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Train steps per epoch for a per-process batch: every process takes the same number."""
+        steps = min(self.train_sizes) // int(batch_size)
+        if steps < 1:
+            raise DataConfigError(
+                f'batch_size={batch_size} per process is larger than the smallest process part '
+                f'({min(self.train_sizes)} ID training images); lower config.batch_size.')
+        return steps
+
+
+class EvalSet(NamedTuple):
+    """An evaluation set: ``batches()`` returns a fresh iterator of padded, masked numpy batches."""
+
+    name: str
+    kind: str  # 'id' | 'fine_ood' | 'coarse_ood'
+    batches: Callable[[], Iterator[dict]]
+    num_examples: int  # over all processes
+    num_batches: int  # per process (the same on every process)
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # only when the caller leaves it to us
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= int(process_index) < int(process_count):
+        raise ValueError(f'process_index={process_index} must be in 0..{process_count - 1}.')
+    return int(process_index), int(process_count)
+
+
+def _seed(*parts: Any) -> int:
+    """A 31-bit seed that depends on every part (ints or short strings), order included."""
+    words = []
+    for part in parts:
+        if isinstance(part, str):
+            words.extend(part.encode())
+            words.append(256)
+        else:
+            words.append(int(part) & 0xFFFFFFFF)
+    return int(np.random.SeedSequence(words).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _parts(split, count: int) -> list:
+    return tfds.even_splits(split, n=count) if count > 1 else [split]
+
+
+def transform_from_config(cfg) -> preprocess.Transform:
+    return preprocess.Transform(
+        image_size=int(_get(cfg, 'image_size', 448)),
+        resize_size=_get(cfg, 'resize_size', None) or None,
+        channels=1 if _get(cfg, 'grayscale', False) else 3,
+        normalize=_get(cfg, 'normalize', 'imagenet'),
+        color_jitter=bool(_get(cfg, 'color_jitter', True)),
+        random_flip=bool(_get(cfg, 'random_flip', True)),
+        crop_padding=int(_get(cfg, 'crop_padding', 0) or 0),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _IdData:
+    """The ID dataset resolved once: builder, class split and which split strings to read."""
+
+    name: str
+    builder: Any
+    split: ClassSplit
+    train_split: str  # ID training images (after the validation hold-out)
+    val_split: Optional[str]  # the held-out share, or None
+    full_train_split: str
+    test_split: str
+
+    def id_label(self, label: tf.Tensor) -> tf.Tensor:
+        return tf.gather(tf.constant(self.split.label_map(), tf.int64), label)
+
+    def is_id(self, label: tf.Tensor) -> tf.Tensor:
+        return self.id_label(label) >= 0
+
+    def is_ood(self, label: tf.Tensor) -> tf.Tensor:
+        return self.id_label(label) < 0
+
+
+def _id_data(cfg) -> _IdData:
+    name = _get(cfg, 'dataset')
+    if not name:
+        raise DataConfigError('config.data.dataset is empty; name the ID dataset.')
+    builder = sources.open_builder(name, cfg)
+    num_classes = int(_get(cfg, 'num_classes'))
+    sources.check_num_classes(builder, name, num_classes)
+    split = class_split(num_classes, int(_get(cfg, 'num_id_classes')), int(_get(cfg, 'split', 0)),
+                        _get(cfg, 'id_classes'))
+    spec = sources.spec(name)
+    fraction = float(_get(cfg, 'val_fraction', 0.0) or 0.0)
+    if not 0.0 <= fraction < 1.0:
+        raise DataConfigError(f'config.data.val_fraction={fraction} must be in [0, 1).')
+    train_split, val_split = spec.train_split, None
+    if fraction > 0:
+        train_split = sources.slice_split(spec.train_split, 1 - fraction, builder, keep_head=True)
+        val_split = sources.slice_split(spec.train_split, 1 - fraction, builder, keep_head=False)
+    return _IdData(name, builder, split, train_split, val_split, spec.train_split, spec.test_split)
+
+
+def _count(builder, split, keep: Callable[[np.ndarray], np.ndarray]) -> int:
+    return int(np.sum(keep(sources.labels_of(builder, split))))
+
+
+def _np_is_id(data: _IdData) -> Callable[[np.ndarray], np.ndarray]:
+    table = data.split.label_map()
+    return lambda labels: table[labels] >= 0
+
+
+def _np_is_ood(data: _IdData) -> Callable[[np.ndarray], np.ndarray]:
+    table = data.split.label_map()
+    return lambda labels: table[labels] < 0
+
+
+def _train_sizes(data: _IdData, process_count: int) -> tuple:
+    return tuple(_count(data.builder, part, _np_is_id(data))
+                 for part in _parts(data.train_split, process_count))
+
+
+def dataset_info(data_config, *, process_count: Optional[int] = None) -> DatasetInfo:
+    """Class split, image shape and ID training sizes (global and per process part)."""
+    _, process_count = _process(0, process_count) if process_count else _process(None, None)
+    data = _id_data(data_config)
+    sizes = _train_sizes(data, process_count)
+    return DatasetInfo(
+        name=data.name, num_classes=data.split.num_classes,
+        num_id_classes=len(data.split.id_classes), class_split=data.split,
+        image_shape=transform_from_config(data_config).image_shape,
+        train_size=int(sum(sizes)), train_sizes=sizes)
+
+
+def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_optimization.map_parallelization = True
+    return ds.with_options(options)
+
+
+class TrainStream:
+    """Endless iterator of {'image', 'label', 'ood_image'} numpy batches; see the module doc.
+
+    Attributes: ``steps_per_epoch``; ``skipped_images``, the corrupt images skipped so far
+    (a corrupt image is replaced by the next one, so batches after it in that epoch shift).
+    """
+
+    def __init__(self, data_config, *, batch_size: int, seed: int, start_step: int = 0,
+                 process_index: Optional[int] = None, process_count: Optional[int] = None):
+        self.process_index, self.process_count = _process(process_index, process_count)
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise DataConfigError(f'batch_size={batch_size} must be >= 1.')
+        if int(start_step) < 0:
+            raise ValueError(f'start_step={start_step} must be >= 0.')
+        self.seed = int(seed)
+        self._cfg = data_config
+        self._transform = transform_from_config(data_config)
+        self._id = _id_data(data_config)
+        sizes = _train_sizes(self._id, self.process_count)
+        self.info_train_sizes = sizes
+        self.steps_per_epoch = DatasetInfo(
+            '', 0, 0, self._id.split, (), sum(sizes), sizes).steps_per_epoch(self.batch_size)
+        ood_name = _get(data_config, 'outlier_dataset')
+        if not ood_name:
+            raise DataConfigError('config.data.outlier_dataset is empty; name the outlier dataset.')
+        self._ood_builder = sources.open_builder(ood_name, data_config)
+        self._ood_part = _parts(sources.spec(ood_name).train_split, self.process_count)[self.process_index]
+        self._id_part = _parts(self._id.train_split, self.process_count)[self.process_index]
+        self.skipped_images = 0
+        self._batches = self._generate(int(start_step))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._batches)
+
+    def _stream(self, stream: str, epoch: int, skip: int) -> tf.data.Dataset:
+        """One epoch of one stream: shuffled, positions enumerated, skipped, augmented, batched."""
+        p, s, t = self.process_index, self.seed, self._transform
+        take = self.steps_per_epoch * self.batch_size
+        buffer = int(_get(self._cfg, 'shuffle_buffer', 10_000))
+        if stream == 'id':
+            ds = sources.read(self._id.builder, self._id_part, shuffle_files=True,
+                              file_seed=_seed(s, 'id-files', p, epoch))
+            ds = ds.filter(lambda ex: self._id.is_id(ex['label']))
+            ds = ds.shuffle(buffer, seed=_seed(s, 'id-shuffle', p, epoch),
+                            reshuffle_each_iteration=False)
+            ds = ds.repeat(2)  # spare examples replace corrupt ones; take() below cuts the epoch
+        else:
+            ds = sources.read(self._ood_builder, self._ood_part, shuffle_files=True,
+                              file_seed=_seed(s, 'ood-files', p, epoch), reshuffle=True)
+            ds = ds.repeat().shuffle(int(_get(self._cfg, 'outlier_shuffle_buffer', buffer)),
+                                     seed=_seed(s, 'ood-shuffle', p, epoch),
+                                     reshuffle_each_iteration=True)
+        aug_key = _seed(s, f'{stream}-aug', p, epoch)
+        id_label = self._id.id_label
+
+        def prepare(position, example):
+            image = preprocess.decode(example['image'], t.channels)
+            key = tf.stack([tf.constant(aug_key, tf.int64), position])
+            out = {'image': preprocess.train_transform(image, key, t), 'pos': position}
+            if stream == 'id':
+                out['label'] = tf.cast(id_label(example['label']), tf.int32)
+            return out
+
+        ds = ds.enumerate().skip(skip)
+        ds = ds.map(prepare, num_parallel_calls=AUTOTUNE).ignore_errors()
+        return ds.take(take - skip).batch(self.batch_size, drop_remainder=True)
+
+    def _epoch(self, epoch: int, skip: int) -> tf.data.Dataset:
+        both = tf.data.Dataset.zip(self._stream('id', epoch, skip), self._stream('ood', epoch, skip))
+        ds = both.map(lambda a, b: {'image': a['image'], 'label': a['label'],
+                                    'ood_image': b['image'], 'pos': a['pos'], 'ood_pos': b['pos']})
+        return _options(ds.prefetch(AUTOTUNE))
+
+    def _generate(self, start_step: int) -> Iterator[dict]:
+        first_epoch, step_in_epoch = divmod(start_step, self.steps_per_epoch)
+        for epoch in itertools.count(first_epoch):
+            skip = step_in_epoch * self.batch_size if epoch == first_epoch else 0
+            expected = {'pos': skip, 'ood_pos': skip}
+            steps = 0
+            for batch in self._epoch(epoch, skip).as_numpy_iterator():
+                for key in expected:  # gaps in positions are the corrupt images skipped
+                    positions = batch.pop(key)
+                    gaps = int(positions[-1] - expected[key] + 1 - len(positions))
+                    if gaps:
+                        self.skipped_images += gaps
+                        logging.warning('train stream: skipped %d corrupt image(s) (%d so far)',
+                                        gaps, self.skipped_images)
+                    expected[key] = int(positions[-1]) + 1
+                steps += 1
+                yield batch
+            if steps == 0:
+                raise RuntimeError(
+                    f'epoch {epoch} of the train stream yielded no batch: are all images of '
+                    f"'{self._id.name}' or the outliers corrupt?")
+
+
+def train_stream(data_config, *, batch_size: int, seed: int, start_step: int = 0,
+                 process_index: Optional[int] = None,
+                 process_count: Optional[int] = None) -> TrainStream:
+    """Endless, deterministic, resumable iterator of per-process train batches (see TrainStream)."""
+    return TrainStream(data_config, batch_size=batch_size, seed=seed, start_step=start_step,
+                       process_index=process_index, process_count=process_count)
+
+
+def _eval_set(name: str, kind: str, builder, split, keep_np, keep_tf, label_tf, cfg,
+              batch_size: int, process_index: int, process_count: int) -> EvalSet:
+    """Padded, masked eval batches of this process's part; every process yields as many batches."""
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise DataConfigError(f'eval batch_size={batch_size} must be >= 1.')
+    parts = _parts(split, process_count)
+    counts = [_count(builder, part, keep_np) for part in parts]
+    num_batches = math.ceil(max(counts) / batch_size) if counts else 0
+    t = transform_from_config(cfg)
+    part = parts[process_index]
+    height, width, channels = t.image_shape
+    empty = {'image': tf.zeros([batch_size, height, width, channels], tf.float32),
+             'label': tf.fill([batch_size], tf.constant(-1, tf.int32)),
+             'mask': tf.zeros([batch_size], tf.bool)}
+
+    def prepare(example):
+        image = preprocess.eval_transform(preprocess.decode(example['image'], channels), t)
+        return {'image': image, 'label': tf.cast(label_tf(example['label']), tf.int32),
+                'mask': tf.constant(True)}
+
+    def pad(batch):
+        missing = batch_size - tf.shape(batch['mask'])[0]
+        return {key: tf.concat([value, empty[key][:missing]], axis=0) for key, value in batch.items()}
+
+    def batches() -> Iterator[dict]:
+        ds = sources.read(builder, part).filter(lambda ex: keep_tf(ex['label']))
+        ds = ds.map(prepare, num_parallel_calls=AUTOTUNE).ignore_errors()
+        ds = ds.batch(batch_size).map(pad)
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
+        yielded = 0
+        for batch in _options(ds.prefetch(AUTOTUNE)).as_numpy_iterator():
+            yielded += int(batch['mask'].sum())
+            yield batch
+        if yielded != counts[process_index]:
+            logging.warning('eval set %s: skipped %d corrupt image(s)', name,
+                            counts[process_index] - yielded)
+
+    return EvalSet(name, kind, batches, int(sum(counts)), int(num_batches))
+
+
+def _all(labels):
+    return np.ones(np.shape(labels), bool)
+
+
+def eval_datasets(data_config, *, batch_size: int, process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> list:
+    """ID test, fine-grained OOD test (held-out classes) and every coarse OOD test set."""
+    p, n = _process(process_index, process_count)
+    data = _id_data(data_config)
+    sets = [
+        _eval_set('id_test', 'id', data.builder, data.test_split, _np_is_id(data), data.is_id,
+                  data.id_label, data_config, batch_size, p, n),
+        _eval_set('fine_ood_test', 'fine_ood', data.builder, data.test_split, _np_is_ood(data),
+                  data.is_ood, lambda label: -tf.ones_like(label), data_config, batch_size, p, n),
+    ]
+    coarse = _get(data_config, 'coarse_ood', ()) or ()
+    if isinstance(coarse, str):
+        coarse = (coarse,)
+    for name in coarse:
+        if name == data.name:
+            raise DataConfigError(f"config.data.coarse_ood lists the ID dataset '{name}'; remove it.")
+        builder = sources.open_builder(name, data_config)
+        split = sources.spec(name).test_split
+        if _get(data_config, 'coarse_ood_subsample', False):
+            split = _subsample(builder, split, sets[0].num_examples)
+        sets.append(_eval_set(name, 'coarse_ood', builder, split, _all, lambda l: tf.constant(True),
+                              lambda label: -tf.ones_like(label), data_config, batch_size, p, n))
+    return sets
+
+
+def _subsample(builder, split: str, size: int) -> str:
+    """The first ``size`` examples of ``split`` (TFDS stores examples in shuffled order)."""
+    total = sources.num_examples(builder, split)
+    if total <= size:
+        return split
+    if '+' not in split:
+        return f'{split}[:{size}]'
+    return sources.slice_split(split, size / total, builder, keep_head=True)
+
+
+def validation_datasets(data_config, *, batch_size: int, process_index: Optional[int] = None,
+                        process_count: Optional[int] = None) -> list:
+    """Model-selection sets, never test images: 'id_val' (held-out ID training images, only when
+    config.data.val_fraction > 0) and 'fine_ood_val' (training images of the held-out classes)."""
+    p, n = _process(process_index, process_count)
+    data = _id_data(data_config)
+    sets = []
+    if data.val_split is not None:
+        sets.append(_eval_set('id_val', 'id', data.builder, data.val_split, _np_is_id(data),
+                              data.is_id, data.id_label, data_config, batch_size, p, n))
+    sets.append(_eval_set('fine_ood_val', 'fine_ood', data.builder, data.full_train_split,
+                          _np_is_ood(data), data.is_ood, lambda label: -tf.ones_like(label),
+                          data_config, batch_size, p, n))
+    return sets
+
+
+def id_train_eval_dataset(data_config, *, batch_size: int, process_index: Optional[int] = None,
+                          process_count: Optional[int] = None) -> EvalSet:
+    """ID training images (after the hold-out) with the eval transform, padded and masked:
+    for fitting feature statistics (Mahalanobis, ViM)."""
+    p, n = _process(process_index, process_count)
+    data = _id_data(data_config)
+    return _eval_set('id_train', 'id', data.builder, data.train_split, _np_is_id(data), data.is_id,
+                     data.id_label, data_config, batch_size, p, n)

@@ -1,0 +1,155 @@
+"""Where each dataset comes from: its TFDS builder, splits, and a prepared-or-clear-error load.
+
+Every dataset reaches the pipelines through ``open_builder`` (prepares the project's offline
+builders on first use, wraps any failure in one message that names the dataset, the expected
+files and where to put them) and ``read`` (one process's part of a split, images left encoded so
+nothing is decoded before it is needed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from lmoe_jax.data import builders  # registers the project's builders with TFDS
+
+
+class DatasetNotReadyError(RuntimeError):
+    """A dataset is neither prepared nor preparable here (missing or bad source files)."""
+
+
+class DataConfigError(ValueError):
+    """config.data disagrees with the data (class counts, unknown dataset, bad value)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """Which TFDS splits play 'train' and 'test' for a dataset."""
+
+    train_split: str = 'train'
+    test_split: str = 'test'
+
+
+SPECS = {
+    'caltech_birds2011': SourceSpec(),
+    'cars196': SourceSpec(),
+    'stanford_dogs': SourceSpec(),
+    'oxford_flowers102': SourceSpec(train_split='train+validation'),
+    'dtd': SourceSpec(train_split='train+validation'),
+    'places365_small': SourceSpec(test_split='validation'),  # its 'test' split has no labels
+    'fgvc_aircraft': SourceSpec(),
+    'fashion_mnist_idx': SourceSpec(),
+    'animal_mnist': SourceSpec(test_split='train'),  # one split: used as outliers
+    'digits28': SourceSpec(train_split='test'),  # one split: used as coarse OOD
+}
+MANUAL_DATASETS = ('fgvc_aircraft',)
+
+
+def spec(name: str) -> SourceSpec:
+    return SPECS.get(name, SourceSpec())
+
+
+def _get(cfg: Any, key: str, default=None):
+    getter = getattr(cfg, 'get', None)
+    return getter(key, default) if getter else getattr(cfg, key, default)
+
+
+def _not_ready_message(name: str, builder, cfg, cause: BaseException) -> str:
+    data_dir = builder.data_dir_root if hasattr(builder, 'data_dir_root') else _get(cfg, 'data_dir')
+    lines = [f"Dataset '{name}' is not prepared in {data_dir} and could not be prepared here:",
+             f'  {type(cause).__name__}: {cause}']
+    if name in builders.OFFLINE_BUILDERS:
+        lines.append('It is built from local files (see the message above for which and where).')
+    elif name in MANUAL_DATASETS:
+        lines.append('Manual download:\n' + builders.fgvc_aircraft.MANUAL_INSTRUCTIONS)
+    else:
+        lines.append(
+            f'On a machine with internet run `tfds build {name} --data_dir={data_dir}` (or '
+            f'`python -c "import tensorflow_datasets as tfds; tfds.builder(\'{name}\', '
+            f'data_dir=\'{data_dir}\').download_and_prepare()"`) and copy the folder '
+            f'{os.path.join(str(data_dir), name)}/ here, keeping its version subfolder.')
+        manual = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
+        if manual:
+            lines.append('Manual download instructions from TFDS:\n' + str(manual))
+    return '\n'.join(lines)
+
+
+def open_builder(name: str, cfg: Any) -> tfds.core.DatasetBuilder:
+    """The prepared TFDS builder of ``name`` (prepared now if possible), or one clear error."""
+    kwargs = {'data_dir': _get(cfg, 'data_dir')}
+    knob = builders.SOURCE_DIR_KNOBS.get(name)
+    if knob:
+        kwargs['source_dir'] = _get(cfg, knob)
+    try:
+        builder = tfds.builder(name, **kwargs)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DataConfigError(
+            f"Unknown dataset '{name}': use a TFDS catalog name (e.g. caltech_birds2011, cars196) "
+            f"or one of the project's builders {sorted(SPECS)}.") from e
+    if name not in builders.OFFLINE_BUILDERS and name not in MANUAL_DATASETS \
+            and not _get(cfg, 'download', True) and not builder.is_prepared():
+        raise DatasetNotReadyError(_not_ready_message(
+            name, builder, cfg, RuntimeError('config.data.download is False')))
+    manual_dir = _get(cfg, 'manual_dir')
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+    try:
+        builder.download_and_prepare(download_config=download_config)  # no-op once prepared
+    except Exception as e:  # noqa: BLE001 - every failure gets the same actionable message
+        raise DatasetNotReadyError(_not_ready_message(name, builder, cfg, e)) from e
+    return builder
+
+
+def check_num_classes(builder, name: str, expected: int) -> int:
+    """Fail at start-up when config.data.num_classes disagrees with the dataset's label feature."""
+    actual = builder.info.features['label'].num_classes
+    if int(expected) != int(actual):
+        raise DataConfigError(
+            f"config.data.num_classes={expected} but dataset '{name}' has {actual} classes; "
+            f'set config.data.num_classes={actual} (and num_id_classes below it).')
+    return actual
+
+
+def read(builder, split, *, with_image: bool = True, shuffle_files: bool = False,
+         file_seed: Optional[int] = None, reshuffle: bool = False) -> tf.data.Dataset:
+    """A split (or a part of one) as {'image': encoded bytes, 'label': int64}, no decoding."""
+    features = {'label': True}
+    decoders = None
+    if with_image:
+        features['image'] = True
+        decoders = {'image': tfds.decode.SkipDecoding()}
+    read_config = tfds.ReadConfig(
+        shuffle_seed=file_seed if shuffle_files else None,
+        shuffle_reshuffle_each_iteration=reshuffle if shuffle_files else None,
+        try_autocache=False, skip_prefetch=True)
+    return builder.as_dataset(
+        split=split, shuffle_files=shuffle_files, read_config=read_config,
+        decoders=tfds.decode.PartialDecoding(features, decoders=decoders))
+
+
+def labels_of(builder, split) -> np.ndarray:
+    """All labels of a split (part) in read order, without touching the images."""
+    ds = read(builder, split, with_image=False).map(lambda ex: ex['label']).batch(65536)
+    parts = [np.asarray(b) for b in ds.as_numpy_iterator()]
+    return np.concatenate(parts) if parts else np.zeros([0], np.int64)
+
+
+def num_examples(builder, split) -> int:
+    """Examples in a split: from the dataset info when known, else by counting labels."""
+    try:
+        return int(builder.info.splits[split].num_examples)
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return int(len(labels_of(builder, split)))
+
+
+def slice_split(split: str, fraction_kept: float, builder, *, keep_head: bool) -> str:
+    """The first ``fraction_kept`` of each '+'-joined component (or the rest when not keep_head)."""
+    out = []
+    for component in split.split('+'):
+        n = num_examples(builder, component)
+        cut = n - int(round((1.0 - fraction_kept) * n))
+        out.append(f'{component}[:{cut}]' if keep_head else f'{component}[{cut}:]')
+    return '+'.join(out)
