@@ -84,6 +84,8 @@ def open_builder(name: str, cfg: Any) -> tfds.core.DatasetBuilder:
     knob = builders.SOURCE_DIR_KNOBS.get(name)
     if knob:
         kwargs['source_dir'] = _get(cfg, knob)
+    if name in MANUAL_DATASETS:
+        kwargs['allow_download'] = bool(_get(cfg, 'download', True))
     try:
         builder = tfds.builder(name, **kwargs)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -130,11 +132,26 @@ def read(builder, split, *, with_image: bool = True, shuffle_files: bool = False
         decoders=tfds.decode.PartialDecoding(features, decoders=decoders))
 
 
+_LABEL_CACHE: dict = {}
+
+
 def labels_of(builder, split) -> np.ndarray:
-    """All labels of a split (part) in read order, without touching the images."""
-    ds = read(builder, split, with_image=False).map(lambda ex: ex['label']).batch(65536)
+    """All labels of a split (part) in read order, without touching the images.
+
+    Cached per prepared dataset folder and split, so the many size queries of a run read once.
+    """
+    key = None
+    if builder.is_prepared():  # never cache mocked or half-built data
+        key = (os.fspath(builder.data_dir), str(split))
+        if key in _LABEL_CACHE:
+            return _LABEL_CACHE[key]
+    # The same features as the image reads (images left encoded): mocked data then agrees too.
+    ds = read(builder, split).map(lambda ex: ex['label']).batch(1024)  # big batches preallocate
     parts = [np.asarray(b) for b in ds.as_numpy_iterator()]
-    return np.concatenate(parts) if parts else np.zeros([0], np.int64)
+    labels = np.concatenate(parts) if parts else np.zeros([0], np.int64)
+    if key is not None:
+        _LABEL_CACHE[key] = labels
+    return labels
 
 
 def num_examples(builder, split) -> int:

@@ -63,6 +63,10 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {'1.0.0': 'Variant level, trainval/test, original JPEG bytes.'}
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS
 
+    def __init__(self, *, allow_download: bool = True, **kwargs):
+        self.allow_download = allow_download
+        super().__init__(**kwargs)
+
     def _info(self):
         return self.dataset_info_from_configs(
             description='FGVC-Aircraft 2013b, 100 variants (MixOE benchmark: 90 ID / 10 OOD).',
@@ -110,6 +114,10 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
                 return manual
             if os.path.exists(os.path.join(manual, ARCHIVE)):
                 return os.fspath(dl_manager.extract(os.path.join(manual, ARCHIVE)))
+        if not self.allow_download:
+            raise FileNotFoundError(
+                f'fgvc_aircraft: no {ARCHIVE} or {FOLDER}/ in the manual directory {manual} and '
+                'downloading is off (config.data.download=False).\n' + MANUAL_INSTRUCTIONS)
         try:
             return os.fspath(dl_manager.download_and_extract(URL))
         except Exception as e:  # noqa: BLE001 - any download failure gets the manual route
