@@ -12,6 +12,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from lmoe_jax.models.pretrained import (PretrainedMismatchError, load_pretrained,
+                                        maybe_load_pretrained)
 from lmoe_jax.models.resnet import ARCHITECTURES, BasicBlock, Bottleneck, ResNet
 
 MODEL_NAMES = tuple(ARCHITECTURES)
@@ -58,4 +60,5 @@ def _get(config: Any, key: str, default: Any) -> Any:
     return getattr(config, key, default)
 
 
-__all__ = ['create_model', 'MODEL_NAMES', 'ResNet', 'BasicBlock', 'Bottleneck']
+__all__ = ['create_model', 'MODEL_NAMES', 'ResNet', 'BasicBlock', 'Bottleneck', 'load_pretrained',
+           'maybe_load_pretrained', 'PretrainedMismatchError']
