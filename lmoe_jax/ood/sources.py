@@ -65,13 +65,13 @@ def _is_tf_dataset(obj: Any) -> bool:
 def tf_dataset_source(dataset, batch_size: int = 256) -> BatchSource:
     """Batches from a tf.data dataset of dicts ({'image', 'label'[, 'mask']}) or (image, label)
     tuples, batched or not (unbatched ones are batched here; the last batch is then short)."""
-    import tensorflow as tf  # only when a tf.data dataset is actually given
-
     spec = dataset.element_spec
-    image_spec = spec['image'] if isinstance(spec, Mapping) else (spec[0] if isinstance(spec, tuple) else spec)
-    if image_spec.shape.rank is not None and image_spec.shape.rank == 3:
+    if isinstance(spec, Mapping):
+        image_spec = spec['image']
+    else:
+        image_spec = spec[0] if isinstance(spec, tuple) else spec
+    if image_spec.shape.rank == 3:  # single images: batch them here
         dataset = dataset.batch(batch_size)
-    del tf
 
     def batches():
         for element in dataset.as_numpy_iterator():
