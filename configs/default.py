@@ -4,6 +4,7 @@ Override any value on the command line, e.g.
     python main.py --config=configs/cub.py --config.method=lmoe --config.batch_size=64
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -14,25 +15,25 @@ def get_config() -> ml_collections.ConfigDict:
     c.method = 'lmoe'  # baseline | oe | energy_oe | mixoe_mixup | mixoe_cutmix | lmoe
     # Any LossWeights / mixing field set here replaces the preset's value (None = keep preset).
     c.loss = ml_collections.ConfigDict()
-    c.loss.id = None  # weight of CE on ID images
-    c.loss.oe = None  # weight of SoftCE(outlier logits, uniform)
-    c.loss.energy = None  # weight of the EnergyOE margin loss
-    c.loss.input_mix = None  # weight of SoftCE(f(mix(x, x_ood)), soft target)  (MixOE)
-    c.loss.logit_mix = None  # weight of SoftCE(lam f(x) + (1-lam) f(x_ood), soft target)  (LMoE)
-    c.loss.consistency = None  # weight of D(f(mix(x, x_ood)), logit mixture)  (LMoE)
-    c.loss.m_in = None  # EnergyOE ID energy margin
-    c.loss.m_out = None  # EnergyOE outlier energy margin
-    c.loss.consistency_kind = None  # 'mse' (over logits) | 'kl' (of softmaxes)
-    c.loss.stop_gradient = None  # 'none' | 'mixed_input' | 'logit_mixture': side held fixed in D
-    c.loss.mix = None  # 'mixup' | 'cutmix': how x_mix is built
-    c.loss.alpha = None  # lam ~ Beta(alpha, alpha)
-    c.loss.lam_per_example = None  # one lam per example instead of one per step
+    c.loss.id = placeholder(float)  # weight of CE on ID images
+    c.loss.oe = placeholder(float)  # weight of SoftCE(outlier logits, uniform)
+    c.loss.energy = placeholder(float)  # weight of the EnergyOE margin loss
+    c.loss.input_mix = placeholder(float)  # weight of SoftCE(f(mix(x, x_ood)), soft target)  (MixOE)
+    c.loss.logit_mix = placeholder(float)  # weight of SoftCE(lam f(x) + (1-lam) f(x_ood), soft target)  (LMoE)
+    c.loss.consistency = placeholder(float)  # weight of D(f(mix(x, x_ood)), logit mixture)  (LMoE)
+    c.loss.m_in = placeholder(float)  # EnergyOE ID energy margin
+    c.loss.m_out = placeholder(float)  # EnergyOE outlier energy margin
+    c.loss.consistency_kind = placeholder(str)  # 'mse' (over logits) | 'kl' (of softmaxes)
+    c.loss.stop_gradient = placeholder(str)  # 'none' | 'mixed_input' | 'logit_mixture': side held fixed in D
+    c.loss.mix = placeholder(str)  # 'mixup' | 'cutmix': how x_mix is built
+    c.loss.alpha = placeholder(float)  # lam ~ Beta(alpha, alpha)
+    c.loss.lam_per_example = placeholder(bool)  # one lam per example instead of one per step
 
     # --- data ---
     c.data = ml_collections.ConfigDict()
     c.data.dataset = 'caltech_birds2011'  # ID dataset (TFDS name or a builder of lmoe_jax.data)
-    c.data.data_dir = None  # TFDS data_dir (None = TFDS default, ~/tensorflow_datasets)
-    c.data.manual_dir = None  # where hand-downloaded archives are (FGVC-Aircraft)
+    c.data.data_dir = placeholder(str)  # TFDS data_dir (None = TFDS default, ~/tensorflow_datasets)
+    c.data.manual_dir = placeholder(str)  # where hand-downloaded archives are (FGVC-Aircraft)
     c.data.num_classes = 200  # classes in the ID dataset (checked against the data)
     c.data.num_id_classes = 150  # n of them are in-distribution, the rest fine-grained OOD
     c.data.split = 0  # MixOE class split index (0, 1, 2 are standard)
@@ -55,11 +56,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.name = 'resnet50'  # resnet18 | resnet34 | resnet50 | small_cnn
     c.model.width = 64  # base width (small_cnn: channels of the first block)
     c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params and logits stay float32)
-    c.model.pretrained = None  # ImageNet weights: a .safetensors/.pth path or a hub id
+    c.model.pretrained = placeholder(str)  # ImageNet weights: a .safetensors/.pth path or a hub id
 
     # --- optimisation ---
     c.batch_size = 32  # global ID batch; the outlier batch has the same size
-    c.num_epochs = 10  # epochs over the ID training set
+    c.num_epochs = 10  # epochs of `method` over the ID training set
+    c.baseline_epochs = 0  # > 0: first train a cross-entropy baseline (stage 1) in <workdir>/baseline
+    c.baseline_learning_rate = placeholder(float)  # stage-1 learning rate (None = learning_rate)
     c.num_train_steps = -1  # > 0 overrides num_epochs
     c.optimizer = 'sgd'  # sgd (Nesterov) | adam | adamw
     c.learning_rate = 1e-3  # peak learning rate
@@ -72,13 +75,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- runtime ---
     c.parallelism = 'jit'  # 'jit' (Mesh + NamedSharding, multi-host ready) | 'pmap'
-    c.init_from = None  # workdir of a finished run: load its params and batch stats (stage 2)
+    c.init_from = placeholder(str)  # workdir of a finished run: load its params and batch stats (stage 2)
     c.log_every_steps = 50
     c.eval_every_steps = 1000  # ID validation accuracy (and 'best' checkpoint) period
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3  # the last k, plus the best by validation accuracy
     c.eval_batch_size = 64
     c.profile = False  # CLU profile of a few steps
-    c.compilation_cache_dir = None  # None = <workdir>/jax_cache; '' disables
+    c.compilation_cache_dir = placeholder(str)  # None = <workdir>/jax_cache; '' disables
     c.scores = ('msp', 'max_logit', 'energy', 'odin', 'gen', 'kl_matching', 'mahalanobis', 'vim', 'react')
     return c
