@@ -1,0 +1,508 @@
+"""Paired comparison of the OE-family presets and the LMoE ablation on the Fashion-MNIST demo.
+
+Protocol (issue 8, item 2), per seed ``s``:
+
+1. train ONE cross-entropy baseline for ``--baseline_steps`` steps (cached on disk);
+2. fine-tune that same checkpoint with every variant for ``--finetune_steps`` steps on the very
+   same batches (ID order and outlier draws, cached once per seed) with the very same rng, so
+   lam draws agree step by step (``train_step`` folds the rng with the step);
+3. evaluate MSP and Energy scores on the validation sets (ID val = held-out share of ID train,
+   fine-grained OOD val = TRAINING images of the held-out classes) and on the test sets
+   (ID test, fine-grained OOD test, coarse OOD digits).
+
+Every finished (seed, variant) is appended as one JSON line to ``--results``; a rerun skips
+what is already there (same protocol), so the script resumes after an interruption.
+``--summarize`` only reads the JSONL and writes the markdown tables.
+
+    .venv/bin/python benchmarks/compare_methods.py --seeds=0,1,2,3,4
+    .venv/bin/python benchmarks/compare_methods.py --summarize
+    .venv/bin/python benchmarks/compare_methods.py --smoke   # 1 seed, a few steps, scratch files
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, Iterable, List, Mapping, Sequence
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+RESULTS_DIR = os.path.join(ROOT, 'benchmarks', 'results')
+REFERENCE = 'mixoe_mixup'  # paired differences of the main table are taken to this method
+LMOE_REFERENCE = 'lmoe'  # and of the ablation to the reconstructed preset
+
+# name -> (preset, overrides). Main comparison first; the ablation changes one thing of 'lmoe'
+# (logit_mix 5, consistency 1 MSE, input_mix 0, mixup, alpha 1, one lam per step, no stop-gradient).
+MAIN = {
+    'baseline': ('baseline', {}),
+    'oe': ('oe', {}),
+    'energy_oe': ('energy_oe', {}),
+    'mixoe_mixup': ('mixoe_mixup', {}),
+    'mixoe_cutmix': ('mixoe_cutmix', {}),
+    'lmoe': ('lmoe', {}),
+}
+ABLATION = {
+    'lmoe:logit_mix_only': ('lmoe', {'consistency': 0.0}),
+    'lmoe:consistency_only': ('lmoe', {'logit_mix': 0.0}),
+    'lmoe:+input_mix5': ('lmoe', {'input_mix': 5.0}),
+    'mixoe+consistency1': ('lmoe', {'logit_mix': 0.0, 'input_mix': 5.0}),
+    'lmoe:kl': ('lmoe', {'consistency_kind': 'kl'}),
+    'lmoe:logit_mix1': ('lmoe', {'logit_mix': 1.0}),
+    'lmoe:consistency0.1': ('lmoe', {'consistency': 0.1}),
+    'lmoe:consistency10': ('lmoe', {'consistency': 10.0}),
+    'lmoe:lam_per_example': ('lmoe', {'lam_per_example': True}),
+    'lmoe:sg_mixed_input': ('lmoe', {'stop_gradient': 'mixed_input'}),
+    'lmoe:sg_logit_mixture': ('lmoe', {'stop_gradient': 'logit_mixture'}),
+}
+VARIANTS = {**MAIN, **ABLATION}
+SCORES = ('msp', 'energy')
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up: config, data, model
+# --------------------------------------------------------------------------------------------------
+
+def demo_config(data_dir: str):
+    from configs import fashion_mnist
+    cfg = fashion_mnist.get_config()
+    cfg.data.data_dir = data_dir
+    return cfg
+
+
+def load_eval_arrays(cfg, fine_val_size: int, batch_size: int = 1000) -> Dict[str, Dict[str, np.ndarray]]:
+    """Every validation and test set once, as host arrays {name: {'image', 'label'}}.
+
+    The fine-grained OOD validation set (24k training images of the held-out classes) is cut to a
+    fixed random ``fine_val_size`` subset (seed 0) to keep evaluation cheap.
+    """
+    from lmoe_jax import data
+    sets = data.validation_datasets(cfg.data, batch_size=batch_size, process_index=0, process_count=1)
+    sets += data.eval_datasets(cfg.data, batch_size=batch_size, process_index=0, process_count=1)
+    arrays = {}
+    for s in sets:
+        images, labels = [], []
+        for batch in s.batches():
+            keep = batch['mask'].astype(bool)
+            images.append(batch['image'][keep])
+            labels.append(batch['label'][keep])
+        arrays[s.name] = {'image': np.concatenate(images), 'label': np.concatenate(labels),
+                          'kind': s.kind}
+    fine_val = arrays['fine_ood_val']
+    if 0 < fine_val_size < len(fine_val['label']):
+        pick = np.sort(np.random.default_rng(0).choice(len(fine_val['label']), fine_val_size,
+                                                       replace=False))
+        arrays['fine_ood_val'] = {k: (v[pick] if k != 'kind' else v) for k, v in fine_val.items()}
+    return arrays
+
+
+def build_model(cfg, num_classes: int):
+    from lmoe_jax import models
+    return models.create_model(cfg.model, num_classes)
+
+
+def fresh_state(cfg, model, image_shape, total_steps: int, rng, params=None, batch_stats=None):
+    """A TrainState with a new optimiser and a cosine schedule over ``total_steps``: initialised
+    from ``rng``, or (stage 2) starting from given params / batch stats with step 0."""
+    import jax
+    import jax.numpy as jnp
+    from lmoe_jax import train
+    tx, lr_fn = train.make_optimizer(cfg, total_steps)
+    if params is None:
+        return train.create_train_state(rng, model, tx, lr_fn, tuple(image_shape))
+    params, batch_stats = jax.device_put((params, batch_stats))
+    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                            opt_state=tx.init(params), apply_fn=model.apply, tx=tx, lr_fn=lr_fn)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training and evaluation
+# --------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _step_fn(method):
+    import jax
+    from lmoe_jax import train
+    return jax.jit(functools.partial(train.train_step, method=method), donate_argnums=(0,))
+
+
+def run_steps(state, batches: Iterable[dict], rng, method, label: str, total: int,
+              log_every: int) -> tuple[Any, Dict[str, float], float]:
+    """Train on ``batches``; returns (state, mean of each metric over the last 50 steps, seconds)."""
+    import jax
+    step_fn = _step_fn(method)
+    tail: List[dict] = []
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        state, metrics = step_fn(state, batch, rng)
+        if i >= total - 50:
+            tail.append(metrics)
+        if log_every and (i + 1) % log_every == 0:
+            loss = float(metrics['loss/total'])
+            if not np.isfinite(loss):
+                raise FloatingPointError(f'{label}: non-finite loss at step {i + 1}')
+            print(f'    {label}: step {i + 1}/{total} loss {loss:.4f} '
+                  f'({(time.perf_counter() - start) / (i + 1):.3f} s/step)', flush=True)
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - start
+    tail = jax.device_get(tail)
+    means = {k: float(np.mean([m[k] for m in tail])) for k in tail[0]} if tail else {}
+    return state, means, seconds
+
+
+@functools.lru_cache(maxsize=None)
+def _logits_fn(apply_fn):
+    import jax
+    return jax.jit(lambda variables, x: apply_fn(variables, x, train=False))
+
+
+def predict_logits(state, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits in fixed-size padded batches (one compilation for every set)."""
+    fn = _logits_fn(state.apply_fn)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    out = []
+    for lo in range(0, len(images), batch_size):
+        chunk = images[lo:lo + batch_size]
+        pad = batch_size - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        out.append(np.asarray(fn(variables, chunk), np.float64)[:batch_size - pad])
+    return np.concatenate(out)
+
+
+def score_logits(logits: np.ndarray) -> Dict[str, np.ndarray]:
+    from lmoe_jax.ood import scores as scores_lib
+    return {'msp': np.asarray(scores_lib.msp(logits), np.float64),
+            'energy': np.asarray(scores_lib.energy(logits), np.float64)}
+
+
+def evaluate_state(state, arrays: Mapping[str, Mapping[str, np.ndarray]], batch_size: int) -> dict:
+    """ID accuracy, fine-grained and coarse AUROC / FPR@95 (OpenOOD: OOD positive), per score,
+    for validation ('val') and test ('test'), plus a few logit statistics used in the analysis."""
+    from lmoe_jax.ood import metrics as M
+    logits = {name: predict_logits(state, a['image'], batch_size) for name, a in arrays.items()}
+    scores = {name: score_logits(z) for name, z in logits.items()}
+    groups = {'val': ('id_val', ['fine_ood_val'], []),
+              'test': ('id_test', ['fine_ood_test'],
+                       [n for n, a in arrays.items() if a['kind'] == 'coarse_ood'])}
+    out = {}
+    for split, (id_name, fine, coarse) in groups.items():
+        res = {'id_acc': float(np.mean(np.argmax(logits[id_name], -1) == arrays[id_name]['label']))}
+        for score in SCORES:
+            id_conf = scores[id_name][score]
+            for kind, names in (('fine', fine), ('coarse', coarse)):
+                if not names:
+                    continue
+                ood_conf = np.concatenate([scores[n][score] for n in names])
+                res[f'{score}/{kind}_auroc'] = M.openood_auroc(id_conf, ood_conf)
+                res[f'{score}/{kind}_fpr95'] = M.openood_fpr_at_95_tpr(id_conf, ood_conf)
+        out[split] = res
+    diag = {}
+    for name in ('id_test', 'fine_ood_test'):
+        z = logits[name]
+        top2 = np.sort(z, axis=-1)[:, -2:]
+        diag[name] = {'mean_msp': float(scores[name]['msp'].mean()),
+                      'mean_energy': float(scores[name]['energy'].mean()),
+                      'mean_top1_margin': float(np.mean(top2[:, 1] - top2[:, 0])),
+                      'mean_logit_std': float(np.mean(np.std(z, axis=-1)))}
+    out['diag'] = diag
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-seed caches: the baseline checkpoint and the fine-tune batches
+# --------------------------------------------------------------------------------------------------
+
+def seed_dir(workdir: str, seed: int, protocol: Mapping[str, Any]) -> str:
+    tag = f"b{protocol['baseline_steps']}_f{protocol['finetune_steps']}_bs{protocol['batch_size']}"
+    path = os.path.join(workdir, tag, f'seed{seed}')
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _atomic_save(path: str, write) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def prepare_seed(cfg, model, image_shape, seed: int, protocol: Mapping[str, Any], workdir: str, log_every: int):
+    """The seed's baseline state and fine-tune batches, from the cache or computed now.
+
+    The stream of seed ``s`` gives the baseline its first ``baseline_steps`` batches and every
+    fine-tune the next ``finetune_steps`` ones (the same arrays for every variant).
+    """
+    import jax
+    from flax import serialization
+    from lmoe_jax import data, losses
+    path = seed_dir(workdir, seed, protocol)
+    ckpt, batch_file = os.path.join(path, 'baseline.msgpack'), os.path.join(path, 'finetune_batches.npz')
+    b_steps, f_steps = protocol['baseline_steps'], protocol['finetune_steps']
+    init_rng, base_rng = jax.random.split(jax.random.PRNGKey(seed))
+    template = fresh_state(cfg, model, image_shape, b_steps, init_rng)
+    if os.path.exists(ckpt) and os.path.exists(batch_file):
+        with open(ckpt, 'rb') as f:
+            restored = serialization.from_bytes(
+                {'params': template.params, 'batch_stats': template.batch_stats}, f.read())
+        with np.load(batch_file) as z:
+            batches = {k: z[k] for k in z.files}
+        print(f'  seed {seed}: baseline and fine-tune batches loaded from {path}', flush=True)
+        return restored, batches, None
+    stream = data.train_stream(cfg.data, batch_size=protocol['batch_size'], seed=seed,
+                               process_index=0, process_count=1)
+    t0 = time.perf_counter()
+    state, _, seconds = run_steps(template, (next(stream) for _ in range(b_steps)), base_rng,
+                                  losses.get_method('baseline'), f'seed {seed} baseline', b_steps,
+                                  log_every)
+    collected = [next(stream) for _ in range(f_steps)]
+    batches = {k: np.stack([b[k] for b in collected]) for k in ('image', 'label', 'ood_image')}
+    restored = {'params': jax.device_get(state.params), 'batch_stats': jax.device_get(state.batch_stats)}
+    _atomic_save(ckpt, lambda f: f.write(serialization.to_bytes(restored)))
+    _atomic_save(batch_file, lambda f: np.savez(f, **batches))
+    print(f'  seed {seed}: baseline trained in {seconds:.0f}s (with data {time.perf_counter() - t0:.0f}s)',
+          flush=True)
+    return restored, batches, state
+
+
+# --------------------------------------------------------------------------------------------------
+# Results file
+# --------------------------------------------------------------------------------------------------
+
+def read_results(path: str) -> List[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_result(path: str, record: Mapping[str, Any]) -> None:
+    with open(path, 'a') as f:
+        f.write(json.dumps(record, sort_keys=True) + '\n')
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run(args) -> None:
+    import jax
+    from lmoe_jax import losses
+    # Persistent compilation cache: resumed / split invocations do not recompile every variant.
+    jax.config.update('jax_compilation_cache_dir', os.path.join(args.workdir, 'jax_cache'))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    cfg = demo_config(args.data_dir)
+    protocol = {'baseline_steps': args.baseline_steps, 'finetune_steps': args.finetune_steps,
+                'batch_size': int(cfg.batch_size), 'learning_rate': float(cfg.learning_rate),
+                'model': f'{cfg.model.name}-w{cfg.model.width}', 'fine_val_size': args.fine_val_size}
+    cfg.batch_size = protocol['batch_size']
+    names = [n for n in args.variants.split(',') if n] if args.variants else list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f'unknown variant(s) {unknown}; choose from {list(VARIANTS)}')
+    seeds = [int(s) for s in args.seeds.split(',')]
+    done = {(r['seed'], r['variant']) for r in read_results(args.results) if r['protocol'] == protocol}
+    todo = [(s, n) for n in ['stage1'] + names for s in seeds if (s, n) not in done]
+    print(f'protocol {protocol}\n{len(todo)} runs to do, {len(done)} already in {args.results}',
+          flush=True)
+    if not todo:
+        return
+    from lmoe_jax import data
+    info = data.dataset_info(cfg.data, process_count=1)
+    image_shape = tuple(info.image_shape)
+    model = build_model(cfg, info.num_id_classes)
+    t0 = time.perf_counter()
+    arrays = load_eval_arrays(cfg, args.fine_val_size)
+    print('eval sets: ' + ', '.join(f"{k} {len(v['label'])}" for k, v in arrays.items())
+          + f' ({time.perf_counter() - t0:.0f}s)', flush=True)
+    # Order: variant-major, so an interrupted run still has every seed of the earlier variants.
+    per_seed: Dict[int, tuple] = {}
+    start_all = time.perf_counter()
+    for i, (seed, name) in enumerate(todo):
+        if seed not in per_seed:
+            restored, batches, _ = prepare_seed(cfg, model, image_shape, seed, protocol, args.workdir, args.log_every)
+            per_seed[seed] = (restored, batches)
+        restored, batches = per_seed[seed]
+        state = fresh_state(cfg, model, image_shape, args.finetune_steps, None,
+                            params=restored['params'], batch_stats=restored['batch_stats'])
+        t_run = time.perf_counter()
+        record = {'seed': seed, 'variant': name, 'protocol': protocol}
+        if name == 'stage1':  # the baseline checkpoint itself, before any fine-tuning
+            record.update(preset=None, overrides={}, train_seconds=0.0, train_metrics={})
+        else:
+            preset, overrides = VARIANTS[name]
+            method = losses.get_method(preset, overrides)
+            ft_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # same for every variant
+            stream = ({k: batches[k][j] for k in ('image', 'label', 'ood_image')}
+                      for j in range(args.finetune_steps))
+            state, tail, seconds = run_steps(state, stream, ft_rng, method, f'seed {seed} {name}',
+                                             args.finetune_steps, args.log_every)
+            record.update(preset=preset, overrides=overrides, train_seconds=seconds, train_metrics=tail)
+        record.update(evaluate_state(state, arrays, args.eval_batch_size))
+        record['seconds'] = time.perf_counter() - t_run
+        append_result(args.results, record)
+        elapsed = time.perf_counter() - start_all
+        print(f"[{i + 1}/{len(todo)}] seed {seed} {name}: "
+              f"val fine AUROC {100 * record['val']['msp/fine_auroc']:.2f}, "
+              f"test fine AUROC {100 * record['test']['msp/fine_auroc']:.2f}, "
+              f"test acc {100 * record['test']['id_acc']:.2f} "
+              f"({record['seconds']:.0f}s; {elapsed / 60:.1f} min so far, "
+              f"~{elapsed / (i + 1) * (len(todo) - i - 1) / 60:.0f} min left)", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------
+
+def paired_stats(values: Mapping[int, float], reference: Mapping[int, float],
+                 higher_is_better: bool) -> Dict[str, float]:
+    """Mean and sample std of ``value - reference`` over the seeds both have, and the wins."""
+    seeds = sorted(set(values) & set(reference))
+    diffs = np.array([values[s] - reference[s] for s in seeds], np.float64)
+    if not len(diffs):
+        return {'mean': float('nan'), 'std': float('nan'), 'wins': 0, 'n': 0}
+    wins = int(np.sum(diffs > 0) if higher_is_better else np.sum(diffs < 0))
+    std = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else float('nan')
+    return {'mean': float(np.mean(diffs)), 'std': std, 'wins': wins, 'n': len(diffs)}
+
+
+def _by_variant(records: Sequence[dict], split: str, key: str) -> Dict[str, Dict[int, float]]:
+    table: Dict[str, Dict[int, float]] = {}
+    for r in records:
+        if key in r.get(split, {}):
+            table.setdefault(r['variant'], {})[r['seed']] = 100.0 * r[split][key]
+    return table
+
+
+def _mean_std(values: Mapping[int, float]) -> str:
+    v = np.array(list(values.values()), np.float64)
+    if not len(v):
+        return '-'
+    return f'{v.mean():.2f} ± {v.std(ddof=1):.2f}' if len(v) > 1 else f'{v.mean():.2f}'
+
+
+def _diff_cell(stats: Mapping[str, float]) -> str:
+    if not stats['n']:
+        return '-'
+    return f"{stats['mean']:+.2f} ± {stats['std']:.2f} ({stats['wins']}/{stats['n']})"
+
+
+def metric_table(records, names, split, columns, reference, title) -> str:
+    """Mean ± std over seeds of each column, plus paired differences to ``reference``."""
+    lines = [f'**{title}**', '',
+             '| variant | seeds | ' + ' | '.join(c[1] for c in columns)
+             + f' | Δ fine AUROC vs {reference} (wins) | Δ fine FPR95 vs {reference} (wins) |',
+             '|' + ' --- |' * (len(columns) + 4)]
+    data = {key: _by_variant(records, split, key) for key, _ in columns}
+    score = columns[1][0].split('/')[0]
+    auroc, fpr = (_by_variant(records, split, f'{score}/fine_auroc'),
+                  _by_variant(records, split, f'{score}/fine_fpr95'))
+    for name in names:
+        n = len(data[columns[0][0]].get(name, {}))
+        if not n:
+            continue
+        cells = [_mean_std(data[key].get(name, {})) for key, _ in columns]
+        d_auc = paired_stats(auroc.get(name, {}), auroc.get(reference, {}), True)
+        d_fpr = paired_stats(fpr.get(name, {}), fpr.get(reference, {}), False)
+        lines.append(f'| {name} | {n} | ' + ' | '.join(cells)
+                     + f' | {_diff_cell(d_auc)} | {_diff_cell(d_fpr)} |')
+    return '\n'.join(lines)
+
+
+def summarize(records: Sequence[dict]) -> str:
+    if not records:
+        return 'no results yet'
+    protocol = records[-1]['protocol']
+    records = [r for r in records if r['protocol'] == protocol]
+    main = ['stage1'] + list(MAIN)
+    ablation = [LMOE_REFERENCE, REFERENCE] + list(ABLATION)
+    out = [f'Protocol: `{json.dumps(protocol, sort_keys=True)}`. Values x100, mean ± sample std over '
+           'seeds; Δ = paired difference (same seed) as mean ± std, (wins/seeds). AUROC and FPR@95 '
+           'follow OpenOOD (OOD positive). "stage1" is the baseline checkpoint before fine-tuning.', '']
+    for score in SCORES:
+        cols = [('id_acc', 'ID acc'), (f'{score}/fine_auroc', 'fine AUROC'),
+                (f'{score}/fine_fpr95', 'fine FPR95'), (f'{score}/coarse_auroc', 'coarse AUROC'),
+                (f'{score}/coarse_fpr95', 'coarse FPR95')]
+        out += [metric_table(records, main, 'test', cols, REFERENCE,
+                             f'Main comparison, TEST sets, {score.upper()} score'), '']
+    val_cols = [('id_acc', 'ID val acc'), ('msp/fine_auroc', 'fine val AUROC'),
+                ('msp/fine_fpr95', 'fine val FPR95')]
+    out += [metric_table(records, main, 'val', val_cols, REFERENCE,
+                         'Main comparison, VALIDATION sets, MSP score'), '']
+    for ref in (LMOE_REFERENCE, REFERENCE):
+        out += [metric_table(records, ablation, 'val', val_cols, ref,
+                             f'LMoE ablation, VALIDATION sets (selection), MSP, Δ vs {ref}'), '']
+    test_cols = [('id_acc', 'ID acc'), ('msp/fine_auroc', 'fine AUROC'),
+                 ('msp/fine_fpr95', 'fine FPR95'), ('msp/coarse_auroc', 'coarse AUROC'),
+                 ('msp/coarse_fpr95', 'coarse FPR95')]
+    out += [metric_table(records, ablation, 'test', test_cols, REFERENCE,
+                         'LMoE ablation, TEST sets (reported, not used for selection), MSP'), '']
+    out += [diagnostics_table(records, main + list(ABLATION)), '']
+    return '\n'.join(out)
+
+
+def diagnostics_table(records, names) -> str:
+    """Confidence statistics on the test sets and the training terms at the end of fine-tuning."""
+    lines = ['**Diagnostics (test logits; training terms = mean of the last 50 fine-tune steps)**', '',
+             '| variant | ID mean MSP | fine-OOD mean MSP | ID top-1 margin | fine-OOD top-1 margin '
+             '| train id CE | train logit_mix | train consistency | train input_mix |',
+             '|' + ' --- |' * 9]
+    for name in names:
+        rs = [r for r in records if r['variant'] == name]
+        if not rs:
+            continue
+
+        def mean(get):
+            vals = [get(r) for r in rs]
+            vals = [v for v in vals if v is not None]
+            return f'{np.mean(vals):.3f}' if vals else '-'
+        tm = lambda k: (lambda r: r['train_metrics'].get(k))  # noqa: E731
+        lines.append(
+            f'| {name} | {mean(lambda r: r["diag"]["id_test"]["mean_msp"])} '
+            f'| {mean(lambda r: r["diag"]["fine_ood_test"]["mean_msp"])} '
+            f'| {mean(lambda r: r["diag"]["id_test"]["mean_top1_margin"])} '
+            f'| {mean(lambda r: r["diag"]["fine_ood_test"]["mean_top1_margin"])} '
+            f'| {mean(tm("loss/id"))} | {mean(tm("loss/logit_mix"))} | {mean(tm("loss/consistency"))} '
+            f'| {mean(tm("loss/input_mix"))} |')
+    return '\n'.join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--seeds', default='0,1,2,3,4')
+    parser.add_argument('--variants', default='', help='comma list (default: all); see VARIANTS')
+    parser.add_argument('--baseline_steps', type=int, default=500)
+    parser.add_argument('--finetune_steps', type=int, default=80)
+    parser.add_argument('--fine_val_size', type=int, default=2000)
+    parser.add_argument('--eval_batch_size', type=int, default=1000)
+    parser.add_argument('--log_every', type=int, default=40)
+    parser.add_argument('--data_dir', default=os.path.join(ROOT, 'runs', 'tfds'))
+    parser.add_argument('--workdir', default=os.path.join(ROOT, 'runs', 'compare'))
+    parser.add_argument('--results', default=os.path.join(RESULTS_DIR, 'compare_results.jsonl'))
+    parser.add_argument('--tables', default=os.path.join(RESULTS_DIR, 'compare_tables.md'))
+    parser.add_argument('--summarize', action='store_true', help='only write the tables')
+    parser.add_argument('--smoke', action='store_true',
+                        help='1 seed, a few steps, results under runs/compare_smoke')
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.baseline_steps, args.finetune_steps = '0', 20, 10
+        args.fine_val_size, args.log_every = 500, 5
+        args.workdir = os.path.join(ROOT, 'runs', 'compare_smoke')
+        args.results = os.path.join(args.workdir, 'results.jsonl')
+        args.tables = os.path.join(args.workdir, 'tables.md')
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    if not args.summarize:
+        run(args)
+    text = summarize(read_results(args.results))
+    with open(args.tables, 'w') as f:
+        f.write(text + '\n')
+    print(text)
+
+
+if __name__ == '__main__':
+    main()
