@@ -12,8 +12,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from lmoe_jax.models.pretrained import (PretrainedMismatchError, load_pretrained,
-                                        maybe_load_pretrained)
+from lmoe_jax.models.pretrained import (PretrainedMismatchError, PretrainedUnavailableError,
+                                        load_pretrained, maybe_load_pretrained)
 from lmoe_jax.models.resnet import ARCHITECTURES, BasicBlock, Bottleneck, ResNet
 
 MODEL_NAMES = tuple(ARCHITECTURES)
@@ -61,4 +61,4 @@ def _get(config: Any, key: str, default: Any) -> Any:
 
 
 __all__ = ['create_model', 'MODEL_NAMES', 'ResNet', 'BasicBlock', 'Bottleneck', 'load_pretrained',
-           'maybe_load_pretrained', 'PretrainedMismatchError']
+           'maybe_load_pretrained', 'PretrainedMismatchError', 'PretrainedUnavailableError']

@@ -41,6 +41,11 @@ class PretrainedMismatchError(ValueError):
     """The weights file does not fit the configured model (another architecture or width)."""
 
 
+class PretrainedUnavailableError(FileNotFoundError):
+    """The weights cannot be read here: offline hub id, or a reader (torch, huggingface_hub)
+    that is not installed. A FileNotFoundError, so callers that report missing files catch it."""
+
+
 def load_pretrained(variables: Mapping[str, Any], source: str, *, model_name: str = 'model',
                     keep_head: bool = False) -> dict:
     """Return `variables` with every backbone weight and BN statistic taken from `source`.
@@ -49,7 +54,8 @@ def load_pretrained(variables: Mapping[str, Any], source: str, *, model_name: st
     directory or hub id (see module docstring). `fc` stays as initialised unless
     `keep_head=True` (then its shape must match the file's). Raises FileNotFoundError for a
     missing file, PretrainedMismatchError naming the first mismatching key and shapes, and
-    OSError with instructions when a hub id cannot be fetched.
+    PretrainedUnavailableError (a FileNotFoundError) with instructions when a hub id cannot
+    be fetched or a reader is not installed.
     """
     if model_name == 'small_cnn':
         raise ValueError("There are no ImageNet weights for small_cnn; set config.model.pretrained "
@@ -169,7 +175,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(
+        raise PretrainedUnavailableError(
             f"Reading {path!r} needs torch, which is not installed. Pass the same weights as "
             ".safetensors instead (e.g. the hub id timm/resnet50.tv_in1k, see docs/models.md), "
             "or convert once where torch exists: python -c \"import torch, safetensors.torch as s;"
@@ -191,7 +197,7 @@ def _hub_download(repo_id: str) -> str:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as e:
-        raise ImportError(f"Fetching hub id {repo_id!r} needs `pip install huggingface_hub`. "
+        raise PretrainedUnavailableError(f"Fetching hub id {repo_id!r} needs `pip install huggingface_hub`. "
                           f"Or: {manual}") from e
     try:  # the cache first: works offline once the file was fetched
         return hf_hub_download(repo_id, HUB_FILENAME, local_files_only=True)
@@ -200,7 +206,7 @@ def _hub_download(repo_id: str) -> str:
     try:
         return hf_hub_download(repo_id, HUB_FILENAME)
     except Exception as e:  # noqa: BLE001  (offline, unknown repo, auth: one message for all)
-        raise OSError(f"Could not fetch {HUB_FILENAME} of hub id {repo_id!r} "
+        raise PretrainedUnavailableError(f"Could not fetch {HUB_FILENAME} of hub id {repo_id!r} "
                       f"({type(e).__name__}: {e}). {manual}") from e
 
 
