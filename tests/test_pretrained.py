@@ -160,6 +160,16 @@ def test_missing_file_says_what_to_do(source):
         load_pretrained(v, source, model_name='resnet18')
 
 
+@pytest.mark.parametrize('suffix', ['safetensors', 'pth'])
+def test_corrupt_file_says_download_again(tmp_path, suffix):
+    path = tmp_path / f'w.{suffix}'
+    path.write_bytes(b'<html>not weights</html>')
+    if suffix == 'pth' and not HAVE_TORCH:
+        pytest.skip('torch not installed: the .pth reader is not reached')
+    with pytest.raises(PretrainedUnavailableError, match='corrupt or a truncated download'):
+        load_pretrained({}, str(path), model_name='resnet18')
+
+
 def test_small_cnn_has_no_imagenet_weights():
     with pytest.raises(ValueError, match='no ImageNet weights for small_cnn'):
         load_pretrained({}, 'timm/resnet50.tv_in1k', model_name='small_cnn')

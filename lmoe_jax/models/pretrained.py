@@ -168,7 +168,17 @@ def read_state_dict(source: str) -> dict[str, np.ndarray]:
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
-    return dict(load_file(path))
+    try:
+        return dict(load_file(path))
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: str, error: Exception) -> PretrainedUnavailableError:
+    return PretrainedUnavailableError(
+        f"Cannot read pretrained weights {path!r} ({type(error).__name__}: {error}); the file is "
+        "corrupt or a truncated download: delete it and download it again "
+        "(bash scripts/get_pretrained.sh, see docs/models.md).")
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
@@ -180,7 +190,10 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
             ".safetensors instead (e.g. the hub id timm/resnet50.tv_in1k, see docs/models.md), "
             "or convert once where torch exists: python -c \"import torch, safetensors.torch as s;"
             f" s.save_file(torch.load('{path}', weights_only=True), 'weights.safetensors')\"") from e
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001  (unpickling errors of all kinds)
+        raise _unreadable(path, e) from e
     for wrapper in ('state_dict', 'model'):  # training checkpoints nest the state dict
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
