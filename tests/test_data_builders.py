@@ -110,3 +110,12 @@ def test_catalog_dataset_not_prepared_and_no_download(tmp_path):
     with pytest.raises(DatasetNotReadyError) as err:
         sources.open_builder('cars196', _cfg(tmp_path, download=False))
     assert 'tfds build cars196' in str(err.value)
+
+
+def test_catalog_dataset_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, 'can_reach', lambda host, timeout_s=5.0: False)
+    with pytest.raises(DatasetNotReadyError) as err:
+        sources.open_builder('stanford_dogs', _cfg(tmp_path))
+    message = str(err.value)
+    assert "'stanford_dogs' is not prepared" in message and 'no network' in message
+    assert 'tfds build stanford_dogs' in message and 'stanford_dogs/' in message

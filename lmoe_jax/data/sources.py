@@ -58,6 +58,29 @@ def _get(cfg: Any, key: str, default=None):
     return getter(key, default) if getter else getattr(cfg, key, default)
 
 
+def can_reach(host: str, timeout_s: float = 5.0) -> bool:
+    """Whether ``host`` resolves: a quick offline check before TFDS starts long download retries."""
+    import concurrent.futures
+    import socket
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout_s)
+        return True
+    except Exception:  # noqa: BLE001 - unresolvable or slow both mean "do not try"
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
+DOWNLOAD_PROBE_HOST = 'storage.googleapis.com'  # TFDS's mirror; also a proxy for "online at all"
+
+
+def _would_download() -> bool:
+    """False under tfds.testing.mock_data, which replaces download_and_prepare with a no-op."""
+    method = tfds.core.DatasetBuilder.download_and_prepare
+    return not getattr(method, '__module__', '').startswith('tensorflow_datasets.testing')
+
+
 def _not_ready_message(name: str, builder, cfg, cause: BaseException) -> str:
     data_dir = builder.data_dir_root if hasattr(builder, 'data_dir_root') else _get(cfg, 'data_dir')
     lines = [f"Dataset '{name}' is not prepared in {data_dir} and could not be prepared here:",
@@ -96,6 +119,11 @@ def open_builder(name: str, cfg: Any) -> tfds.core.DatasetBuilder:
             and not _get(cfg, 'download', True) and not builder.is_prepared():
         raise DatasetNotReadyError(_not_ready_message(
             name, builder, cfg, RuntimeError('config.data.download is False')))
+    if name not in builders.OFFLINE_BUILDERS and name not in MANUAL_DATASETS \
+            and not builder.is_prepared() and _would_download() \
+            and not can_reach(DOWNLOAD_PROBE_HOST):
+        raise DatasetNotReadyError(_not_ready_message(
+            name, builder, cfg, RuntimeError(f'no network: cannot resolve {DOWNLOAD_PROBE_HOST}')))
     manual_dir = _get(cfg, 'manual_dir')
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     try:

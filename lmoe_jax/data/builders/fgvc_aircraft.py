@@ -118,6 +118,11 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
             raise FileNotFoundError(
                 f'fgvc_aircraft: no {ARCHIVE} or {FOLDER}/ in the manual directory {manual} and '
                 'downloading is off (config.data.download=False).\n' + MANUAL_INSTRUCTIONS)
+        from lmoe_jax.data.sources import can_reach
+        if not can_reach('www.robots.ox.ac.uk'):
+            raise FileNotFoundError(
+                f'fgvc_aircraft: no {ARCHIVE} or {FOLDER}/ in the manual directory {manual} and no '
+                'network to download it.\n' + MANUAL_INSTRUCTIONS)
         try:
             return os.fspath(dl_manager.download_and_extract(URL))
         except Exception as e:  # noqa: BLE001 - any download failure gets the manual route
