@@ -213,7 +213,8 @@ def test_train_mode_normalizes_with_batch_statistics():
     model = create_model(_config('small_cnn', width=4), num_classes=3)
     x = np.random.default_rng(3).normal(size=(4, 28, 28, 1)).astype(np.float32)
     v = _random_variables(model, x, seed=0)
-    other = {'params': v['params'], 'batch_stats': _random_variables(model, x, seed=5)['batch_stats']}
+    other = {'params': v['params'],
+             'batch_stats': _random_variables(model, x, seed=5)['batch_stats']}
     train = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0])
     evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False))
     np.testing.assert_allclose(np.asarray(train(v, x)), np.asarray(train(other, x)), rtol=1e-6,

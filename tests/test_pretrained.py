@@ -190,7 +190,8 @@ def test_hub_id_offline_says_where_to_put_the_file(monkeypatch):
 
     _fake_hub(monkeypatch, offline)
     _, v = _init('resnet50')
-    with pytest.raises(PretrainedUnavailableError, match=r"timm/resnet50\.tv_in1k.*get_pretrained\.sh.*"
+    with pytest.raises(PretrainedUnavailableError,
+                       match=r"timm/resnet50\.tv_in1k.*get_pretrained\.sh.*"
                                       r"config\.model\.pretrained=/path/to/model\.safetensors"):
         load_pretrained(v, 'hf-hub:timm/resnet50.tv_in1k', model_name='resnet50')
     # cache first, then the network
@@ -303,8 +304,9 @@ def test_parity_with_torchvision(tmp_path, name):
     # Head re-initialised for 7 ID classes: backbone as above, fc as freshly initialised.
     _, fresh7 = _init(name, width=64, num_classes=7, seed=4, size=64)
     loaded7 = load_pretrained(fresh7, str(tmp_path / 'w.pth'), model_name=name)
-    np.testing.assert_array_equal(loaded7['params']['fc']['kernel'], fresh7['params']['fc']['kernel'])
+    np.testing.assert_array_equal(loaded7['params']['fc']['kernel'],
+                                  fresh7['params']['fc']['kernel'])
     for collection in ('params', 'batch_stats'):
         backbone = {k: v for k, v in loaded[collection].items() if k != 'fc'}
-        jax.tree_util.tree_map(np.testing.assert_array_equal,
-                               {k: v for k, v in loaded7[collection].items() if k != 'fc'}, backbone)
+        head_free = {k: v for k, v in loaded7[collection].items() if k != 'fc'}
+        jax.tree_util.tree_map(np.testing.assert_array_equal, head_free, backbone)

@@ -33,7 +33,8 @@ def create_model(model_config: Any, num_classes: int, *, bn_axis_name: str | Non
     name = _get(model_config, 'name', None)
     if name not in ARCHITECTURES:
         raise ValueError(
-            f"Unknown model name {name!r}; set config.model.name to one of {', '.join(MODEL_NAMES)}.")
+            f"Unknown model name {name!r}; set config.model.name to one of "
+            f"{', '.join(MODEL_NAMES)}.")
     dtype_name = str(_get(model_config, 'dtype', 'float32'))
     if dtype_name not in COMPUTE_DTYPES:
         raise ValueError(

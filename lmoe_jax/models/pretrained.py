@@ -189,7 +189,8 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
             f"Reading {path!r} needs torch, which is not installed. Pass the same weights as "
             ".safetensors instead (e.g. the hub id timm/resnet50.tv_in1k, see docs/models.md), "
             "or convert once where torch exists: python -c \"import torch, safetensors.torch as s;"
-            f" s.save_file(torch.load('{path}', weights_only=True), 'weights.safetensors')\"") from e
+            f" s.save_file(torch.load('{path}', weights_only=True), 'weights.safetensors')\""
+        ) from e
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001  (unpickling errors of all kinds)
@@ -210,7 +211,8 @@ def _hub_download(repo_id: str) -> str:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as e:
-        raise PretrainedUnavailableError(f"Fetching hub id {repo_id!r} needs `pip install huggingface_hub`. "
+        raise PretrainedUnavailableError(
+            f"Fetching hub id {repo_id!r} needs `pip install huggingface_hub`. "
                           f"Or: {manual}") from e
     try:  # the cache first: works offline once the file was fetched
         return hf_hub_download(repo_id, HUB_FILENAME, local_files_only=True)
@@ -270,7 +272,8 @@ def _architecture_hint(state: Mapping[str, np.ndarray], model_name: str) -> str:
     bottleneck = any('.conv3.' in k for k in state)
     name = _KNOWN.get((stages, bottleneck))
     conv1 = state.get('conv1.weight')
-    width = f" (width {conv1.shape[0]}, {conv1.shape[1]} input channels)" if conv1 is not None else ''
+    width = ('' if conv1 is None else
+             f" (width {conv1.shape[0]}, {conv1.shape[1]} input channels)")
     if name is None:
         return (" The file is not a torchvision ResNet state dict we recognise; use torchvision "
                 "ResNet-18/34/50 weights.")

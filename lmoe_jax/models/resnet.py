@@ -125,12 +125,13 @@ class ResNet(nn.Module):
             features = self.width * 2 ** i
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
-                needs_projection = strides != 1 or in_channels != features * self.block_cls.expansion
+                out_channels = features * self.block_cls.expansion
+                needs_projection = strides != 1 or in_channels != out_channels
                 x = self.block_cls(
                     features, strides=strides, downsample=needs_projection, dtype=self.dtype,
                     zero_init_residual=self.zero_init_residual, bn_axis_name=self.bn_axis_name,
                     name=f'layer{i + 1}_{j}')(x, train)
-                in_channels = features * self.block_cls.expansion
+                in_channels = out_channels
         # Pool in float32: the penultimate features feed Mahalanobis/ViM statistics.
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
