@@ -170,8 +170,16 @@ def test_corrupt_file_says_download_again(tmp_path, suffix):
         load_pretrained({}, str(path), model_name='resnet18')
 
 
+def test_unknown_suffix_and_directory_without_weights(tmp_path):
+    (tmp_path / 'weights.npz').write_bytes(b'')
+    with pytest.raises(PretrainedUnavailableError, match=r'name it \*\.safetensors or \*\.pth'):
+        load_pretrained({}, str(tmp_path / 'weights.npz'), model_name='resnet18')
+    with pytest.raises(FileNotFoundError, match='has no model.safetensors'):
+        load_pretrained({}, str(tmp_path), model_name='resnet18')
+
+
 def test_small_cnn_has_no_imagenet_weights():
-    with pytest.raises(ValueError, match='no ImageNet weights for small_cnn'):
+    with pytest.raises(PretrainedMismatchError, match='no ImageNet weights for small_cnn'):
         load_pretrained({}, 'timm/resnet50.tv_in1k', model_name='small_cnn')
 
 

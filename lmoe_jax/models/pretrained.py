@@ -58,8 +58,9 @@ def load_pretrained(variables: Mapping[str, Any], source: str, *, model_name: st
     be fetched or a reader is not installed.
     """
     if model_name == 'small_cnn':
-        raise ValueError("There are no ImageNet weights for small_cnn; set config.model.pretrained "
-                         "to None or use resnet18/resnet34/resnet50.")
+        raise PretrainedMismatchError(
+            "There are no ImageNet weights for small_cnn; set config.model.pretrained to None "
+            "or use resnet18/resnet34/resnet50.")
     state = read_state_dict(source)
     return assign_state_dict(variables, state, source=str(source), model_name=model_name,
                              keep_head=keep_head)
@@ -153,8 +154,9 @@ def read_state_dict(source: str) -> dict[str, np.ndarray]:
             return _read_safetensors(source)
         if source.endswith(TORCH_SUFFIXES):
             return _read_torch(source)
-        raise ValueError(f"Cannot tell the format of {source!r}: name it *.safetensors or "
-                         f"*.pth (torchvision state_dict).")
+        raise PretrainedUnavailableError(
+            f"Cannot tell the format of {source!r}: name it *.safetensors or *.pth "
+            "(a torchvision state_dict).")
     hub = _HUB_ID.match(source)
     looks_like_file = source.endswith(('.safetensors',) + TORCH_SUFFIXES) or source.startswith(
         ('/', './', '../'))
