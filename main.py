@@ -17,6 +17,10 @@ flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and_eval'],
 flags.DEFINE_integer('step', None, '--mode=eval: checkpoint step to evaluate (default: the best).')
 flags.DEFINE_bool('distributed', None, 'Call jax.distributed.initialize() (default: when the '
                   'environment says this is one of several processes, e.g. a TPU pod slice).')
+flags.DEFINE_string('coordinator_address', None, 'Multi-process without cluster auto-detection: '
+                    'host:port of process 0 (with --num_processes and --process_id).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (see --coordinator_address).')
+flags.DEFINE_integer('process_id', None, 'This process index (see --coordinator_address).')
 flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
 
@@ -24,6 +28,8 @@ FLAGS = flags.FLAGS
 def _wants_distributed() -> bool:
     if FLAGS.distributed is not None:
         return FLAGS.distributed
+    if FLAGS.coordinator_address:
+        return True
     return any(v in os.environ for v in ('TPU_WORKER_HOSTNAMES', 'JAX_COORDINATOR_ADDRESS',
                                          'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
 
@@ -33,7 +39,8 @@ def main(argv):
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     import jax
     if _wants_distributed():
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)  # one process logs
     from lmoe_jax import checkpoint, trainer

@@ -219,8 +219,14 @@ def oe_family_loss(*, logits_id: Array, logits_ood: Array | None, logits_mix: Ar
         terms['consistency'] = consistency_loss(
             logits_mix=logits_mix, logits_lmix=z_lmix, kind=weights.consistency_kind,
             stop_gradient=weights.stop_gradient)
-    total = sum(_f32(getattr(weights, name)) * value for name, value in terms.items())
+    total = sum(_weighted(getattr(weights, name), value) for name, value in terms.items())
     return total, terms
+
+
+def _weighted(weight, value: Array) -> Array:
+    """``weight * value``, but exactly 0 for a zero weight even if the unused term is inf/NaN."""
+    weight = _f32(weight)
+    return jnp.where(weight == 0, 0.0, weight * value)
 
 
 def _concrete_or_raise(weights: LossWeights) -> LossWeights:

@@ -344,3 +344,13 @@ def test_get_method_overrides_and_errors():
         L.get_method('oe', {'gamma': 1.0})
     with pytest.raises(ValueError, match='mix must be one of'):
         L.get_method('oe', {'mix': 'manifold'})
+
+
+def test_a_zero_weight_term_cannot_poison_the_total():
+    """An unused term that overflows (huge outlier energies) leaves the total untouched."""
+    z, zo, zm, y, lam = make(10, 4, jnp.float32)
+    w = L.LossWeights(m_in=float('nan'))  # energy term becomes NaN; its weight is 0
+    total, terms = jax.jit(L.oe_family_loss)(logits_id=z, logits_ood=zo, logits_mix=zm, labels=y,
+                                             lam=lam, weights=w)
+    assert np.isnan(float(terms['energy']))
+    np.testing.assert_allclose(total, np_ce(as_f64(z), y), rtol=1e-6)

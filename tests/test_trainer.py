@@ -1,0 +1,289 @@
+"""The trainer end to end: checkpoints, resume, SIGKILL/SIGTERM, config errors, stages, pmap,
+non-finite stop, and a real two-process run on this machine."""
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+import data_fixtures as fx
+from configs import tiny
+from lmoe_jax import checkpoint, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def data_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp('trainer_data')
+    fx.write_fake_fashion(str(root / 'fashion'), num_train=400, num_test=60)
+    fx.write_fake_animals(str(root / 'animals'), num=80, duplicates=0)
+    return {'fashion_mnist_dir': str(root / 'fashion'), 'animal_mnist_dir': str(root / 'animals'),
+            'data_dir': str(root / 'tfds')}
+
+
+def tiny_config(data_dirs, **overrides):
+    c = tiny.get_config()
+    c.data.update(data_dirs)
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split('.')
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def cli(data_dirs, workdir, *extra, config='configs/tiny.py'):
+    return [sys.executable, os.path.join(ROOT, 'main.py'), f'--config={os.path.join(ROOT, config)}',
+            f'--workdir={workdir}', '--mode=train',
+            *[f'--config.data.{k}={v}' for k, v in data_dirs.items()], *extra]
+
+
+def env(devices=8, **extra):
+    e = dict(os.environ)
+    e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    e['JAX_PLATFORMS'] = 'cpu'
+    e['PYTHONPATH'] = ROOT
+    e.update(extra)
+    return e
+
+
+def final_params(workdir):
+    """The params of a run's latest checkpoint, as numpy, read back with plain Orbax."""
+    mngr = ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir), item_handlers={
+        'state': ocp.StandardCheckpointHandler()})
+    step = mngr.latest_step()
+    meta = mngr.item_metadata(step)['state']
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta)
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return step, jax.tree.map(np.asarray, state['state']['params'])
+
+
+def assert_trees_equal(a, b):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data_dirs, tmp_path_factory):
+    """One uninterrupted 12-step subprocess run: the reference for SIGKILL and SIGTERM."""
+    workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+    subprocess.run(cli(data_dirs, workdir), env=env(), check=True, capture_output=True,
+                   timeout=300)
+    return final_params(workdir)
+
+
+def _wait_for_checkpoint(workdir, proc, min_step, timeout=240):
+    t0 = time.time()
+    ckpt = checkpoint.checkpoint_dir(workdir)
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f'run ended early: {proc.stderr.read().decode()[-3000:]}')
+        if os.path.isdir(ckpt) and any(d.isdigit() and int(d) >= min_step for d in os.listdir(ckpt)):
+            return
+        time.sleep(0.05)
+    raise AssertionError('no checkpoint appeared')
+
+
+# ------------------------------------------------------------------ crash safety (subprocesses)
+
+
+def test_sigkill_mid_run_then_restart_ends_bit_identical(data_dirs, uninterrupted, tmp_path):
+    workdir = str(tmp_path / 'killed')
+    proc = subprocess.Popen(cli(data_dirs, workdir), env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    _wait_for_checkpoint(workdir, proc, min_step=4)
+    proc.send_signal(signal.SIGKILL)  # anywhere: mid-step or mid-save
+    proc.wait()
+    subprocess.run(cli(data_dirs, workdir), env=env(), check=True, capture_output=True,
+                   timeout=300)
+    step, params = final_params(workdir)
+    ref_step, ref_params = uninterrupted
+    assert step == ref_step == 12
+    assert_trees_equal(params, ref_params)
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(data_dirs, uninterrupted, tmp_path):
+    workdir = str(tmp_path / 'preempted')
+    proc = subprocess.Popen(cli(data_dirs, workdir, '--config.checkpoint_every_steps=100',
+                                '--config.eval_every_steps=100'),
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # wait until training is under way (first logged step), then preempt
+    t0 = time.time()
+    while time.time() - t0 < 240:
+        if proc.poll() is not None:
+            break
+        if os.path.isdir(workdir) and any(f.startswith('events') for f in os.listdir(workdir)):
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    step, _ = final_params(workdir)  # a complete, restorable checkpoint
+    assert 1 <= step <= 12
+    if step < 12:
+        assert b'stopped at step' in stderr
+    subprocess.run(cli(data_dirs, workdir, '--config.checkpoint_every_steps=100',
+                       '--config.eval_every_steps=100'), env=env(), check=True,
+                   capture_output=True, timeout=300)
+    assert_trees_equal(final_params(workdir)[1], uninterrupted[1])
+
+
+def test_main_reports_config_errors_with_one_message(data_dirs, tmp_path):
+    out = subprocess.run(cli(data_dirs, str(tmp_path / 'bad'), '--config.method=mixup_oe'),
+                         env=env(), capture_output=True, timeout=120)
+    assert out.returncode == 2
+    assert 'unknown method' in out.stderr.decode() and 'valid methods' in out.stderr.decode()
+    assert 'Traceback' not in out.stderr.decode()
+
+
+# ------------------------------------------------------------------ in process
+
+
+@pytest.mark.parametrize('override,message', [
+    ({'method': 'mixup_oe'}, 'unknown method'),
+    ({'model.name': 'vgg16'}, 'Unknown model name'),
+    ({'loss.logit_mix': -1.0}, 'must be >= 0'),
+    ({'batch_size': 12}, 'not divisible by the 8 devices'),
+    ({'init_from': '/nonexistent/run'}, 'has no checkpoints/ folder'),
+    ({'parallelism': 'pjit'}, 'parallelism'),
+    ({'eval_every_steps': 0}, 'must be > 0'),
+])
+def test_each_config_error_has_its_message(data_dirs, override, message):
+    with pytest.raises(trainer.ConfigError, match=message):
+        trainer.validate_config(tiny_config(data_dirs, **override))
+
+
+def test_train_resume_eval_under_mock_catalog_data(tmp_path):
+    """A catalog config (CUB ID, DTD outliers, Flowers coarse OOD) through train -> resume -> eval."""
+    c = tiny.get_config()
+    c.data.update(dict(dataset='caltech_birds2011', num_classes=200, num_id_classes=150, split=0,
+                       id_classes=None, outlier_dataset='dtd', coarse_ood=('oxford_flowers102',),
+                       image_size=16, resize_size=20, grayscale=False, normalize='imagenet',
+                       color_jitter=True, val_fraction=0.2, cache=False, data_dir=None))
+    c.num_train_steps = 4
+    workdir = str(tmp_path / 'cub')
+    with tfds.testing.mock_data(num_examples=200):
+        trainer.run(c, workdir, 'train')
+        assert checkpoint.manager(workdir, read_only=True).latest_step() == 4
+        c2 = copy.deepcopy(c)
+        c2.num_train_steps = 8
+        summary = trainer.run(c2, workdir, 'train_and_eval')  # resumes at 4
+    assert summary['train']['steps'] == 8
+    for name in ('ood_report.json', 'ood_report.md', 'ood_report.csv'):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0
+    metrics = summary['eval']
+    assert 'msp' in metrics['scores'] if 'scores' in metrics else metrics
+
+
+def test_two_stage_run_and_init_from_refuses_another_model(data_dirs, tmp_path):
+    c = tiny_config(data_dirs, baseline_epochs=1, num_train_steps=4)
+    workdir = str(tmp_path / 'two_stage')
+    summary = trainer.run(c, workdir, 'train')
+    base = os.path.join(workdir, 'baseline')
+    # one epoch of the ID training images (the head 80% of TFDS's train split; 20% is validation)
+    labels = [int(ex['label']) for ex in tfds.as_numpy(tfds.load(
+        'fashion_mnist_idx', split='train[:320]', data_dir=data_dirs['data_dir']))]
+    assert summary['baseline']['steps'] == sum(l in (0, 1, 2, 3, 8, 9) for l in labels) // 16
+    base_step, base_params = final_params(base)
+    step, params = final_params(workdir)
+    assert step == 4
+    # stage 2 starts from the baseline weights: 4 small steps away from them, not from scratch
+    diff = np.abs(params['fc']['kernel'] - base_params['fc']['kernel']).max()
+    assert 0 < diff < 0.5
+    wider = tiny_config(data_dirs, init_from=base, **{'model.width': 8})
+    with pytest.raises(checkpoint.CheckpointError, match='model.width=4'):
+        trainer.run(wider, str(tmp_path / 'wider'), 'train')
+
+
+def test_pmap_and_jit_both_train_and_checkpoint_the_same_model(data_dirs, tmp_path):
+    results = {}
+    for mode in ('jit', 'pmap'):
+        workdir = str(tmp_path / mode)
+        trainer.run(tiny_config(data_dirs, parallelism=mode, num_train_steps=6), workdir, 'train')
+        results[mode] = final_params(workdir)
+    assert results['jit'][0] == results['pmap'][0] == 6
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 results['pmap'][1], results['jit'][1])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dirs, tmp_path):
+    workdir = str(tmp_path / 'nan')
+    trainer.run(tiny_config(data_dirs, num_train_steps=4, method='energy_oe'), workdir, 'train')
+    good_step, good_params = final_params(workdir)
+    poisoned = tiny_config(data_dirs, num_train_steps=8, method='energy_oe',
+                           **{'loss.m_in': float('nan')})
+    with pytest.raises(trainer.NonFiniteLossError, match=r'step 5: loss/energy, loss/total') as e:
+        trainer.run(poisoned, workdir, 'train')
+    assert 'checkpoint (step 4) is intact' in str(e.value)
+    step, params = final_params(workdir)
+    assert step == good_step == 4
+    assert_trees_equal(params, good_params)
+
+
+# ------------------------------------------------------------------ two processes, one machine
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(data_dirs, workdir, steps):
+    port = _free_port()
+    procs = [subprocess.Popen(
+        cli(data_dirs, workdir, f'--config.num_train_steps={steps}', '--config.data.val_fraction=0.0',
+            f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'),
+        env=env(devices=4, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo'),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err.decode()[-4000:]
+
+
+def test_two_process_run_matches_one_process_with_eight_devices(data_dirs, tmp_path):
+    """2 processes x 4 CPU devices (gloo): each reads its own half of every global batch, they
+    save at step 6 and restore together to reach 12; one process with 8 devices fed the same
+    global batches (the two halves concatenated) ends with the same parameters."""
+    workdir = str(tmp_path / 'multi')
+    _two_processes(data_dirs, workdir, 6)
+    assert final_params(workdir)[0] == 6
+    _two_processes(data_dirs, workdir, 12)  # restores the step-6 checkpoint on both processes
+    step, params = final_params(workdir)
+    assert step == 12
+
+    from lmoe_jax import data, parallel
+    c = tiny_config(data_dirs, num_train_steps=12, **{'data.val_fraction': 0.0})
+    setup = trainer.make_setup(c)
+    # the two-process run used a 6-step schedule for its first half, then 12: replay exactly that
+    streams = [data.train_stream(c.data, batch_size=8, seed=0, process_index=i, process_count=2)
+               for i in range(2)]
+    rng = parallel.replicate(jax.random.fold_in(jax.random.key(0), 1), setup.mesh)
+    step_fn = parallel.jit_train_step(setup.method, setup.mesh)
+    c6 = copy.deepcopy(c)
+    c6.num_train_steps = 6
+    state = trainer.initial_state(trainer.make_setup(c6))
+    for _ in range(6):
+        parts = [next(s) for s in streams]
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        state, _ = step_fn(state, parallel.global_batch(batch, setup.mesh), rng)
+    fresh = trainer.initial_state(setup)  # 12-step schedule, state of step 6
+    state = fresh.replace(step=state.step, params=state.params, batch_stats=state.batch_stats,
+                          opt_state=state.opt_state)
+    for _ in range(6):
+        parts = [next(s) for s in streams]
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        state, _ = step_fn(state, parallel.global_batch(batch, setup.mesh), rng)
+    ref = jax.tree.map(np.asarray, jax.device_get(state.params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref)
