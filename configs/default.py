@@ -48,8 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.color_jitter = True  # MixOE's brightness 32/255 and saturation 0.5
     c.data.random_flip = True
     c.data.shuffle_buffer = 10_000
-    c.data.cache = False  # keep decoded small datasets in memory
+    c.data.crop_padding = 0  # 28 px training: pad by k pixels, random-crop back
+    c.data.outlier_shuffle_buffer = placeholder(int)  # None = shuffle_buffer
+    c.data.coarse_ood_subsample = False  # cut each coarse OOD set to the ID test size (MixOE)
+    c.data.download = True  # let TFDS download catalog sets / FGVC-Aircraft when online
     c.data.fashion_mnist_dir = '/usr/share/datasets/fashion-mnist'  # idx files of the demo
+    c.data.animal_mnist_dir = placeholder(str)  # None = the installed animal-mnist wheel's data
 
     # --- model ---
     c.model = ml_collections.ConfigDict()

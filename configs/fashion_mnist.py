@@ -27,7 +27,6 @@ def get_config():
     c.data.color_jitter = False
     c.data.random_flip = True
     c.data.crop_padding = 0
-    c.data.cache = True
     c.data.shuffle_buffer = 60_000
 
     c.model.name = 'small_cnn'

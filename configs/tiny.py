@@ -11,7 +11,7 @@ def get_config():
     c.data.coarse_ood = ('animal_mnist',)  # no sklearn preparation in the unit tests
     c.data.shuffle_buffer = 256
     c.data.val_fraction = 0.2
-    c.data.animal_mnist_dir = ''  # '' = the installed wheel; tests pass their fake pickles
+    c.data.animal_mnist_dir = None  # the installed wheel; tests pass their fake pickles
     c.model.width = 4
     c.batch_size = 16
     c.baseline_epochs = 0
