@@ -274,6 +274,11 @@ def prepare_seed(cfg, model, image_shape, seed: int, protocol: Mapping[str, Any]
 # Results file
 # --------------------------------------------------------------------------------------------------
 
+def normalized(protocol: Mapping[str, Any]) -> Dict[str, Any]:
+    """Records written before --finetune_lr existed fine-tuned at the stage-1 learning rate."""
+    return {'finetune_lr': protocol['learning_rate'], **protocol}
+
+
 def read_results(path: str) -> List[dict]:
     if not os.path.exists(path):
         return []
@@ -297,14 +302,18 @@ def run(args) -> None:
     cfg = demo_config(args.data_dir)
     protocol = {'baseline_steps': args.baseline_steps, 'finetune_steps': args.finetune_steps,
                 'batch_size': int(cfg.batch_size), 'learning_rate': float(cfg.learning_rate),
-                'model': f'{cfg.model.name}-w{cfg.model.width}', 'fine_val_size': args.fine_val_size}
+                'model': f'{cfg.model.name}-w{cfg.model.width}', 'fine_val_size': args.fine_val_size,
+                'finetune_lr': float(args.finetune_lr or cfg.learning_rate)}
+    ft_cfg = cfg.copy_and_resolve_references()
+    ft_cfg.learning_rate = protocol['finetune_lr']
     cfg.batch_size = protocol['batch_size']
     names = [n for n in args.variants.split(',') if n] if args.variants else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f'unknown variant(s) {unknown}; choose from {list(VARIANTS)}')
     seeds = [int(s) for s in args.seeds.split(',')]
-    done = {(r['seed'], r['variant']) for r in read_results(args.results) if r['protocol'] == protocol}
+    done = {(r['seed'], r['variant']) for r in read_results(args.results)
+            if normalized(r['protocol']) == protocol}
     todo = [(s, n) for n in ['stage1'] + names for s in seeds if (s, n) not in done]
     print(f'protocol {protocol}\n{len(todo)} runs to do, {len(done)} already in {args.results}',
           flush=True)
@@ -326,7 +335,7 @@ def run(args) -> None:
             restored, batches, _ = prepare_seed(cfg, model, image_shape, seed, protocol, args.workdir, args.log_every)
             per_seed[seed] = (restored, batches)
         restored, batches = per_seed[seed]
-        state = fresh_state(cfg, model, image_shape, args.finetune_steps, None,
+        state = fresh_state(ft_cfg, model, image_shape, args.finetune_steps, None,
                             params=restored['params'], batch_stats=restored['batch_stats'])
         t_run = time.perf_counter()
         record = {'seed': seed, 'variant': name, 'protocol': protocol}
@@ -415,8 +424,20 @@ def metric_table(records, names, split, columns, reference, title) -> str:
 def summarize(records: Sequence[dict]) -> str:
     if not records:
         return 'no results yet'
-    protocol = records[-1]['protocol']
-    records = [r for r in records if r['protocol'] == protocol]
+    protocols = []
+    for r in records:
+        if normalized(r['protocol']) not in protocols:
+            protocols.append(normalized(r['protocol']))
+    sections = []
+    for protocol in protocols:
+        subset = [r for r in records if normalized(r['protocol']) == protocol]
+        sections.append(f"## Fine-tune lr {protocol['finetune_lr']:g}, {protocol['baseline_steps']} "
+                        f"baseline + {protocol['finetune_steps']} fine-tune steps\n\n"
+                        + summarize_protocol(subset, protocol))
+    return '\n\n'.join(sections)
+
+
+def summarize_protocol(records: Sequence[dict], protocol: Mapping[str, Any]) -> str:
     main = ['stage1'] + list(MAIN)
     ablation = [LMOE_REFERENCE, REFERENCE] + list(ABLATION)
     out = [f'Protocol: `{json.dumps(protocol, sort_keys=True)}`. Values x100, mean ± sample std over '
@@ -479,6 +500,8 @@ def main(argv=None) -> None:
     parser.add_argument('--baseline_steps', type=int, default=500)
     parser.add_argument('--finetune_steps', type=int, default=80)
     parser.add_argument('--fine_val_size', type=int, default=2000)
+    parser.add_argument('--finetune_lr', type=float, default=None,
+                        help='peak lr of the fine-tune (default: the config learning_rate, 0.05)')
     parser.add_argument('--eval_batch_size', type=int, default=1000)
     parser.add_argument('--log_every', type=int, default=40)
     parser.add_argument('--data_dir', default=os.path.join(ROOT, 'runs', 'tfds'))
