@@ -30,7 +30,7 @@ def tiny_model(bn_axis_name=None, dtype='float32'):
 
 def tiny_state(model, steps=100, **kw):
     tx, lr_fn = train.make_optimizer(opt_config(**kw), steps)
-    return train.create_train_state(jax.random.key(0), model, tx, lr_fn, IMG)
+    return train.create_train_state(jax.random.key(0, impl='rbg'), model, tx, lr_fn, IMG)
 
 
 def make_batch(b, seed=0):

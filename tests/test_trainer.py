@@ -183,7 +183,8 @@ def test_train_resume_eval_under_mock_catalog_data(tmp_path):
     for name in ('ood_report.json', 'ood_report.md', 'ood_report.csv'):
         assert os.path.getsize(os.path.join(workdir, name)) > 0
     metrics = summary['eval']
-    assert 'msp' in metrics['scores'] if 'scores' in metrics else metrics
+    assert {'msp', 'energy'} <= set(metrics['scores'])
+    assert 0.0 <= metrics['scores']['msp']['fine_mean']['openood_auroc'] <= 1.0
 
 
 def test_two_stage_run_and_init_from_refuses_another_model(data_dirs, tmp_path):

@@ -230,7 +230,7 @@ class TrainStream:
         else:
             ds = sources.read(self._ood_builder, self._ood_part, shuffle_files=True,
                               file_seed=_seed(s, 'ood-files', p, epoch), reshuffle=True)
-            ds = ds.repeat().shuffle(int(_get(self._cfg, 'outlier_shuffle_buffer', buffer)),
+            ds = ds.repeat().shuffle(int(_get(self._cfg, 'outlier_shuffle_buffer', None) or buffer),
                                      seed=_seed(s, 'ood-shuffle', p, epoch),
                                      reshuffle_each_iteration=True)
         aug_key = _seed(s, f'{stream}-aug', p, epoch)
