@@ -465,6 +465,17 @@ def summarize_protocol(records: Sequence[dict], protocol: Mapping[str, Any]) -> 
     return '\n'.join(out)
 
 
+def _terms_computed_with_lam(record: Mapping[str, Any]) -> set:
+    """Training terms that mean what their name says for this record's method."""
+    if not record.get('preset'):
+        return set()
+    from lmoe_jax import losses
+    method = losses.get_method(record['preset'], record['overrides'])
+    if method.needs_lam:
+        return {'loss/id', 'loss/logit_mix', 'loss/consistency', 'loss/input_mix'}
+    return {'loss/id'}
+
+
 def diagnostics_table(records, names) -> str:
     """Confidence statistics on the test sets and the training terms at the end of fine-tuning."""
     lines = ['**Diagnostics (test logits; training terms = mean of the last 50 fine-tune steps)**', '',
@@ -480,7 +491,10 @@ def diagnostics_table(records, names) -> str:
             vals = [get(r) for r in rs]
             vals = [v for v in vals if v is not None]
             return f'{np.mean(vals):.3f}' if vals else '-'
-        tm = lambda k: (lambda r: r['train_metrics'].get(k))  # noqa: E731
+        used = _terms_computed_with_lam(rs[0])
+
+        def tm(key):  # a term computed with lam = 1 (methods without mixing) would mislead
+            return lambda r: r['train_metrics'].get(key) if key in used else None
         lines.append(
             f'| {name} | {mean(lambda r: r["diag"]["id_test"]["mean_msp"])} '
             f'| {mean(lambda r: r["diag"]["fine_ood_test"]["mean_msp"])} '
