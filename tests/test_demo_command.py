@@ -25,6 +25,8 @@ ID_CLASSES = (0, 1, 2, 3, 8, 9)  # the demo's ID classes; the other four are fin
 FINETUNE_STEPS = 4
 TABLE_HEADER = "MSP score, ID set 'id_test', ID top-1 accuracy"
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):

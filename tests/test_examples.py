@@ -40,6 +40,7 @@ print('CHECK ' + _json.dumps(_check))
 
 def test_notebook_is_stored_without_outputs():
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == 'code']
     assert code and all(not c.outputs and c.execution_count is None for c in code)
     source = '\n'.join(c.source for c in code)
@@ -64,9 +65,13 @@ def executed(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, as a user has
     env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH')) if p)
     examples_dir = os.path.dirname(NOTEBOOK)
-    client = NotebookClient(nb, km=_kernel_manager(tmp_path_factory.mktemp('kernelspec')),
-                            timeout=300, resources={'metadata': {'path': examples_dir}})
-    client.execute(env=env)  # raises CellExecutionError with the traceback if a cell fails
+    km = _kernel_manager(tmp_path_factory.mktemp('kernelspec'))
+    client = NotebookClient(nb, km=km, timeout=300, resources={'metadata': {'path': examples_dir}})
+    try:
+        client.execute(env=env)  # raises CellExecutionError with the traceback if a cell fails
+    finally:
+        if km.has_kernel:  # a kernel manager we pass in is not shut down by nbclient
+            km.shutdown_kernel(now=True)
     return nb
 
 
