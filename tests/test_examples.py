@@ -87,7 +87,9 @@ def test_notebook_runs_in_this_interpreter_on_one_device(executed):
 
 def test_notebook_prints_sane_metrics(executed):
     text = '\n'.join(_stdout(c) for c in executed.cells[:-1] if c.cell_type == 'code')
-    accuracy = float(re.search(r'ID accuracy: ([\d.]+)%', text).group(1))
+    match = re.search(r'ID accuracy: ([\d.]+)%', text)
+    assert match, f'no ID accuracy line in the notebook output:\n{text[-3000:]}'
+    accuracy = float(match.group(1))
     assert 60.0 < accuracy <= 100.0  # chance is 1/6
     found = dict((row, (float(auroc), float(fpr))) for row, auroc, fpr in re.findall(
         r'(\w+) OOD \(MSP\): AUROC ([\d.]+)  FPR@95 ([\d.]+)', text))
@@ -100,5 +102,8 @@ def test_notebook_prints_sane_metrics(executed):
 
 def test_notebook_auroc_matches_sklearn(executed):
     check = json.loads(_stdout(executed.cells[-1]).split('CHECK ', 1)[1])
+    # The check cell runs the model in one batch, ood_metrics in batches of 500: last-bit logit
+    # differences can reorder near-tied MSP values, hence 1e-3. A flipped convention (ID as the
+    # positive class) would give 1 - AUROC, far outside it.
     for row in ('fine', 'coarse'):
-        assert check[row + '_reported'] == pytest.approx(check[row], abs=1e-6)
+        assert check[row + '_reported'] == pytest.approx(check[row], abs=1e-3)
