@@ -97,6 +97,8 @@ def run(spec: dict) -> dict:
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     torch.set_num_threads(spec['threads'])
+    if device == 'cuda':
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     torch.manual_seed(0)
     n, b, c, k = spec['image_size'], spec['batch_size'], spec['channels'], spec['num_classes']
     model = getattr(torchvision.models, spec['model'])(num_classes=k).to(device)

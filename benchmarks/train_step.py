@@ -48,7 +48,7 @@ TORCH_METHODS = ('baseline', 'mixoe_mixup', 'lmoe')
 PASSES = {'baseline': 1, 'oe': 2, 'energy_oe': 2, 'mixoe_mixup': 2, 'mixoe_cutmix': 2, 'lmoe': 3}
 
 # The model-side fix measured beside the shipped model (see xla_variants.py and docs/benchmarks.md).
-CPU_VARIANTS = 'default=;smallmap=patch:smallmap'
+CPU_VARIANTS = 'default=;fix=patch:smallmap_dot1x1'
 # name -> list of cases; a case fixes the model, image size, batch and step counts (and may name
 # its own JAX variants; --variants overrides them).
 SUITES = {
@@ -59,7 +59,7 @@ SUITES = {
         dict(model='resnet50', image_size=64, channels=3, num_classes=100, batch_size=8,
              steps=5, warmup=1, torch=True, variants=CPU_VARIANTS),
         dict(model='resnet50', image_size=224, channels=3, num_classes=100, batch_size=8,
-             steps=3, warmup=1, torch=True),
+             steps=3, warmup=1, torch=True, variants=CPU_VARIANTS),
     ],
     # One accelerator, bf16 compute, MixOE's batch (32 ID + 32 outliers) at 224 px.
     'gpu': [

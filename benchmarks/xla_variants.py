@@ -111,6 +111,7 @@ PATCHES = {
     'smallmap': lambda: _patch_conv(make_small_map_conv(None)),
     'smallmap_dot1x1': lambda: _patch_conv(make_small_map_conv(None, pointwise_as_dot=True)),
     'small16': lambda: _patch_conv(make_small_map_conv(16)),
+    'im2col_all': lambda: _patch_conv(make_small_map_conv(2**62, pointwise_as_dot=True)),
 }
 
 
