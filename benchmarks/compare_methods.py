@@ -532,6 +532,8 @@ def main(argv=None) -> None:
         args.workdir = os.path.join(ROOT, 'runs', 'compare_smoke')
         args.results = os.path.join(args.workdir, 'results.jsonl')
         args.tables = os.path.join(args.workdir, 'tables.md')
+        if os.path.exists(args.results):  # a smoke run always trains and evaluates again
+            os.remove(args.results)
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     if not args.summarize:
         run(args)
