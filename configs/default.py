@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.color_jitter = True  # MixOE's brightness 32/255 and saturation 0.5
     c.data.random_flip = True
     c.data.shuffle_buffer = 10_000
+    c.data.cache = False  # decode small datasets once and keep them in memory (demo-sized sets)
     c.data.crop_padding = 0  # 28 px training: pad by k pixels, random-crop back
     c.data.outlier_shuffle_buffer = placeholder(int)  # None = shuffle_buffer
     c.data.coarse_ood_subsample = False  # cut each coarse OOD set to the ID test size (MixOE)

@@ -3,6 +3,7 @@
 The fake Fashion-MNIST / Animal-MNIST images carry their source index and label in
 flip-invariant rows (data_fixtures), so every check compares against the files the test wrote.
 """
+import copy
 import io
 
 import ml_collections
@@ -234,3 +235,24 @@ def test_corrupt_images_are_skipped_and_counted_not_fatal():
         batches = _take(stream, stream.steps_per_epoch * 2)
         assert all(b['image'].shape == (4, 24, 24, 3) for b in batches)
         assert stream.skipped_images >= 2  # one in each stream of epoch 0 (dtd mocks the same)
+
+
+def test_in_memory_cache_keeps_streams_complete_deterministic_and_resumable(demo_cfg):
+    cfg = copy.deepcopy(demo_cfg)
+    cfg.cache = True
+    stream = _stream(cfg, seed=7)
+    first_epoch = _take(stream, stream.steps_per_epoch)
+    seen = np.concatenate([fx.decode_tags(b['image'])[0] for b in first_epoch])
+    assert len(set(seen)) == len(seen)  # an epoch has no repeats
+    assert all(i % 10 in ID_CLASSES for i in seen)
+    full = first_epoch + _take(stream, 4)
+    resumed = _take(_stream(cfg, seed=7, start_step=7), len(full) - 7)
+    for x, y in zip(full[7:], resumed):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    plain = data.eval_datasets(demo_cfg, batch_size=16, process_index=0, process_count=1)[0]
+    cached = data.eval_datasets(cfg, batch_size=16, process_index=0, process_count=1)[0]
+    for _ in range(2):  # the second pass reads the cache
+        for x, y in zip(plain.batches(), cached.batches()):
+            for key in x:
+                np.testing.assert_array_equal(x[key], y[key])

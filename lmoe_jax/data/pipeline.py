@@ -207,7 +207,25 @@ class TrainStream:
         self._ood_part = _parts(sources.spec(ood_name).train_split, self.process_count)[self.process_index]
         self._id_part = _parts(self._id.train_split, self.process_count)[self.process_index]
         self.skipped_images = 0
+        self._cached = self._cached_sources() if _get(data_config, 'cache', False) else None
         self._batches = self._generate(int(start_step))
+
+    def _cached_sources(self) -> dict:
+        """config.data.cache: decode each stream's part once and keep it in memory (small sets).
+
+        Read in file order (no per-epoch file shuffle); every epoch then shuffles the cached
+        images with its own seed, so batches stay deterministic and resumable.
+        """
+        channels = self._transform.channels
+
+        def decoded(ds):
+            return ds.map(lambda ex: {**ex, 'image': preprocess.decode(ex['image'], channels)},
+                          num_parallel_calls=AUTOTUNE).ignore_errors().cache()
+
+        id_part = sources.read(self._id.builder, self._id_part).filter(
+            lambda ex: self._id.is_id(ex['label']))
+        return {'id': decoded(id_part),
+                'ood': decoded(sources.read(self._ood_builder, self._ood_part))}
 
     def __iter__(self):
         return self
@@ -221,23 +239,31 @@ class TrainStream:
         take = self.steps_per_epoch * self.batch_size
         buffer = int(_get(self._cfg, 'shuffle_buffer', 10_000))
         if stream == 'id':
-            ds = sources.read(self._id.builder, self._id_part, shuffle_files=True,
-                              file_seed=_seed(s, 'id-files', p, epoch))
-            ds = ds.filter(lambda ex: self._id.is_id(ex['label']))
+            if self._cached:
+                ds = self._cached['id']
+            else:
+                ds = sources.read(self._id.builder, self._id_part, shuffle_files=True,
+                                  file_seed=_seed(s, 'id-files', p, epoch))
+                ds = ds.filter(lambda ex: self._id.is_id(ex['label']))
             ds = ds.shuffle(buffer, seed=_seed(s, 'id-shuffle', p, epoch),
                             reshuffle_each_iteration=False)
             ds = ds.repeat(2)  # spare examples replace corrupt ones; take() below cuts the epoch
         else:
-            ds = sources.read(self._ood_builder, self._ood_part, shuffle_files=True,
-                              file_seed=_seed(s, 'ood-files', p, epoch), reshuffle=True)
+            if self._cached:
+                ds = self._cached['ood']
+            else:
+                ds = sources.read(self._ood_builder, self._ood_part, shuffle_files=True,
+                                  file_seed=_seed(s, 'ood-files', p, epoch), reshuffle=True)
             ds = ds.repeat().shuffle(int(_get(self._cfg, 'outlier_shuffle_buffer', None) or buffer),
                                      seed=_seed(s, 'ood-shuffle', p, epoch),
                                      reshuffle_each_iteration=True)
         aug_key = _seed(s, f'{stream}-aug', p, epoch)
         id_label = self._id.id_label
 
+        cached = self._cached is not None
+
         def prepare(position, example):
-            image = preprocess.decode(example['image'], t.channels)
+            image = example['image'] if cached else preprocess.decode(example['image'], t.channels)
             key = tf.stack([tf.constant(aug_key, tf.int64), position])
             out = {'image': preprocess.train_transform(image, key, t), 'pos': position}
             if stream == 'id':
@@ -310,10 +336,13 @@ def _eval_set(name: str, kind: str, builder, split, keep_np, keep_tf, label_tf, 
         missing = batch_size - tf.shape(batch['mask'])[0]
         return {key: tf.concat([value, empty[key][:missing]], axis=0) for key, value in batch.items()}
 
+    prepared = sources.read(builder, part).filter(lambda ex: keep_tf(ex['label']))
+    prepared = prepared.map(prepare, num_parallel_calls=AUTOTUNE).ignore_errors()
+    if _get(cfg, 'cache', False):  # decoded once, kept in memory for every later pass
+        prepared = prepared.cache()
+
     def batches() -> Iterator[dict]:
-        ds = sources.read(builder, part).filter(lambda ex: keep_tf(ex['label']))
-        ds = ds.map(prepare, num_parallel_calls=AUTOTUNE).ignore_errors()
-        ds = ds.batch(batch_size).map(pad)
+        ds = prepared.batch(batch_size).map(pad)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
         yielded = 0
         for batch in _options(ds.prefetch(AUTOTUNE)).as_numpy_iterator():
