@@ -130,7 +130,7 @@ def run(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     reset_rss_peak()
     rss_before = rss_mib()
-    for _ in range(spec['warmup']):
+    for _ in range(max(1, spec['warmup'])):  # >= 1: the first run allocates
         loss = step(x, y, x_ood)
     sync()
     if not np.isfinite(float(loss)):

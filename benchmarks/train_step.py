@@ -175,7 +175,7 @@ def run_jax(spec: dict) -> dict:
 
     reset_rss_peak()  # the mark now covers warm-up and timed steps, not compilation
     rss_before = rss_mib()
-    for _ in range(spec['warmup']):
+    for _ in range(max(1, spec['warmup'])):  # >= 1: the first run allocates
         state, metrics = compiled(state, batch, key)
         jax.block_until_ready((state, metrics))
     if not np.isfinite(float(metrics['loss/total'])):
@@ -337,7 +337,8 @@ def main():
     parser.add_argument('--batch_size', type=int, default=8, help='ID images per step (B)')
     parser.add_argument('--dtype', default='float32', help='compute dtype (bfloat16 on GPU)')
     parser.add_argument('--steps', type=int, default=5, help='timed steps (median is reported)')
-    parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compilation')
+    parser.add_argument('--warmup', type=int, default=1,
+                        help='untimed steps after compilation (at least 1 is run)')
     parser.add_argument('--methods', default=','.join(METHODS))
     parser.add_argument('--torch_methods', default=','.join(TORCH_METHODS),
                         help='methods of the PyTorch reference (empty: skip PyTorch)')
