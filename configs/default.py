@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.name = 'resnet50'  # resnet18 | resnet34 | resnet50 | small_cnn
     c.model.width = 64  # base width (small_cnn: channels of the first block)
     c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params and logits stay float32)
+    c.model.matmul_convs = False  # CPU: tiny-map 3x3 and 1x1 convs as matmuls (2.5-3x ResNet-50 @64px)
     c.model.pretrained = placeholder(str)  # ImageNet weights: a .safetensors/.pth path or a hub id
 
     # --- optimisation ---

@@ -25,8 +25,9 @@ def create_model(model_config: Any, num_classes: int, *, bn_axis_name: str | Non
     """Build the Flax module named by `model_config.name` (a ConfigDict or dict).
 
     Reads `name`, `width` (base channels; 64 = torchvision), `dtype` (compute dtype; params
-    and outputs stay float32) and optional `zero_init_residual` (last BN gamma of each block
-    starts at 0). `bn_axis_name` makes BatchNorm average its batch statistics over that
+    and outputs stay float32), optional `zero_init_residual` (last BN gamma of each block
+    starts at 0) and optional `matmul_convs` (CPU speed-up, see `cpu_convs`).
+    `bn_axis_name` makes BatchNorm average its batch statistics over that
     mapped axis (pass the pmap axis name so pmap matches jit over a global batch).
     `model_config.pretrained` is not read here: see `lmoe_jax.models.pretrained`.
     """
@@ -51,7 +52,8 @@ def create_model(model_config: Any, num_classes: int, *, bn_axis_name: str | Non
         block_cls=block_cls, stage_sizes=stage_sizes, num_classes=num_classes, width=width,
         stem=stem, dtype=COMPUTE_DTYPES[dtype_name],
         zero_init_residual=bool(_get(model_config, 'zero_init_residual', False)),
-        bn_axis_name=bn_axis_name)
+        bn_axis_name=bn_axis_name,
+        matmul_convs=bool(_get(model_config, 'matmul_convs', False)))
 
 
 def _get(config: Any, key: str, default: Any) -> Any:

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmoe_jax.models import cpu_convs
+
 # torchvision's init: kaiming normal, fan_out, relu gain.
 CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # torchvision's nn.Linear kernel init: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -23,10 +25,12 @@ BN_MOMENTUM = 0.9  # flax keeps `momentum` of the old value: torchvision's momen
 BN_EPSILON = 1e-5
 
 
-def _layers(dtype: Any, train: bool, bn_axis_name: str | None):
+def _layers(dtype: Any, train: bool, bn_axis_name: str | None, matmul_convs: bool = False):
     """Conv and BatchNorm constructors shared by every block (float32 params, `dtype` compute)."""
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=CONV_INIT)
+    if matmul_convs:  # CPU speed-up, same parameters: see cpu_convs.py
+        conv = functools.partial(conv, conv_general_dilated=cpu_convs.matmul_conv)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
         dtype=dtype, param_dtype=jnp.float32, axis_name=bn_axis_name)
@@ -46,11 +50,12 @@ class BasicBlock(nn.Module):
     dtype: Any = jnp.float32
     zero_init_residual: bool = False
     bn_axis_name: str | None = None
+    matmul_convs: bool = False
     expansion: ClassVar[int] = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv, norm = _layers(self.dtype, train, self.bn_axis_name)
+        conv, norm = _layers(self.dtype, train, self.bn_axis_name, self.matmul_convs)
         last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         s = (self.strides, self.strides)
         y = conv(self.features, (3, 3), s, padding=_pad(3), name='conv1')(x)
@@ -71,11 +76,12 @@ class Bottleneck(nn.Module):
     dtype: Any = jnp.float32
     zero_init_residual: bool = False
     bn_axis_name: str | None = None
+    matmul_convs: bool = False
     expansion: ClassVar[int] = 4
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv, norm = _layers(self.dtype, train, self.bn_axis_name)
+        conv, norm = _layers(self.dtype, train, self.bn_axis_name, self.matmul_convs)
         last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         s = (self.strides, self.strides)
         out = self.features * self.expansion
@@ -106,10 +112,11 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     zero_init_residual: bool = False
     bn_axis_name: str | None = None
+    matmul_convs: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        conv, norm = _layers(self.dtype, train, self.bn_axis_name)
+        conv, norm = _layers(self.dtype, train, self.bn_axis_name, self.matmul_convs)
         x = jnp.asarray(x, self.dtype)
         if self.stem == 'imagenet':
             x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name='conv1')(x)
@@ -130,6 +137,7 @@ class ResNet(nn.Module):
                 x = self.block_cls(
                     features, strides=strides, downsample=needs_projection, dtype=self.dtype,
                     zero_init_residual=self.zero_init_residual, bn_axis_name=self.bn_axis_name,
+                    matmul_convs=self.matmul_convs,
                     name=f'layer{i + 1}_{j}')(x, train)
                 in_channels = out_channels
         # Pool in float32: the penultimate features feed Mahalanobis/ViM statistics.
