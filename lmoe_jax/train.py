@@ -161,6 +161,8 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *, method
         # running averages are therefore identical on every device.
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if not method.needs_lam:  # no lam was drawn: logit_mix at lam=1 is just the ID CE again
+        terms = {k: v for k, v in terms.items() if k != 'logit_mix'}
     metrics = {f'loss/{k}': v for k, v in terms.items()}
     metrics.update({
         'loss/total': total, 'accuracy': accuracy, 'lam': mean_lam,

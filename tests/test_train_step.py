@@ -145,7 +145,13 @@ def test_methods_forward_only_the_images_they_need(method_name, n_images):
     method = losses.get_method(method_name)
     state = tiny_state(tiny_model())
     step = jax.jit(functools.partial(train.train_step, method=method))
-    text = step.lower(state, make_batch(16), jax.random.key(0)).as_text()
+    lowered = step.lower(state, make_batch(16), jax.random.key(0))
+    text = lowered.as_text()
+    # terms that need a pass that was not run are absent; logit_mix only where lam is drawn
+    metric_names = set(jax.eval_shape(step, state, make_batch(16), jax.random.key(0))[1])
+    assert ('loss/logit_mix' in metric_names) == (method.needs_lam and method.needs_ood)
+    assert ('loss/oe' in metric_names) == method.needs_ood
+    assert ('loss/input_mix' in metric_names) == method.needs_mix
     first_conv_batches = re.findall(r'stablehlo.convolution\(.*?: \(tensor<(\d+)x8x8x1xf32>',
                                     text)
     assert first_conv_batches and set(first_conv_batches) == {str(n_images)}
