@@ -299,15 +299,18 @@ def train_stage(config, workdir: str, stop: '_StopFlag | None' = None) -> dict:
 
     val_sets = _validation_sets(config)
     eval_step = make_eval_step(setup.model.apply, mesh)
-    rng = parallel.replicate(jax.random.fold_in(jax.random.key(int(config.seed)), 1), mesh)
+    # one key for every step (train_step folds in the step): pmap takes it from the host,
+    # jit as a replicated global array
+    step_key = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
     use_pmap = config.parallelism == 'pmap'
     if use_pmap:
         step_fn = parallel.pmap_train_step(method)
         run_state = parallel.stack_for_pmap(state)
-        host_rng = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
+        rng = step_key
     else:
         step_fn = parallel.jit_train_step(method, mesh)
         run_state = state
+        rng = parallel.replicate(step_key, mesh)
 
     def global_state():
         return parallel.unreplicate(run_state, mesh) if use_pmap else run_state
@@ -332,7 +335,7 @@ def train_stage(config, workdir: str, stop: '_StopFlag | None' = None) -> dict:
         for step in range(start + 1, total + 1):
             local = next(stream)
             if use_pmap:
-                run_state, metrics = step_fn(run_state, parallel.shard_for_pmap(local), host_rng)
+                run_state, metrics = step_fn(run_state, parallel.shard_for_pmap(local), rng)
                 metrics = parallel.metrics_from_pmap(metrics)
             else:
                 run_state, metrics = step_fn(run_state, parallel.global_batch(local, mesh), rng)
