@@ -66,8 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- optimisation ---
     c.batch_size = 32  # global ID batch; the outlier batch has the same size
-    c.num_epochs = 10  # epochs of `method` over the ID training set
-    c.baseline_epochs = 0  # > 0: first train a cross-entropy baseline (stage 1) in <workdir>/baseline
+    c.num_epochs = 10.0  # epochs of `method` over the ID training set (fractions allowed)
+    c.baseline_epochs = 0.0  # > 0: first train a cross-entropy baseline (stage 1) in <workdir>/baseline
     c.baseline_learning_rate = placeholder(float)  # stage-1 learning rate (None = learning_rate)
     c.num_train_steps = -1  # > 0 overrides num_epochs
     c.optimizer = 'sgd'  # sgd (Nesterov) | adam | adamw
