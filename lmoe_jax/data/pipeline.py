@@ -389,6 +389,15 @@ def _all(labels):
     return np.ones(np.shape(labels), bool)
 
 
+def _keep_all(label: tf.Tensor) -> tf.Tensor:
+    return tf.constant(True)
+
+
+def _ood_label(label: tf.Tensor) -> tf.Tensor:
+    """OOD sets carry label -1."""
+    return -tf.ones_like(label)
+
+
 def eval_datasets(data_config, *, batch_size: int, process_index: Optional[int] = None,
                   process_count: Optional[int] = None) -> list:
     """ID test, fine-grained OOD test (held-out classes) and every coarse OOD test set."""
@@ -398,7 +407,7 @@ def eval_datasets(data_config, *, batch_size: int, process_index: Optional[int] 
         _eval_set('id_test', 'id', data.builder, data.test_split, _np_is_id(data), data.is_id,
                   data.id_label, data_config, batch_size, p, n),
         _eval_set('fine_ood_test', 'fine_ood', data.builder, data.test_split, _np_is_ood(data),
-                  data.is_ood, lambda label: -tf.ones_like(label), data_config, batch_size, p, n),
+                  data.is_ood, _ood_label, data_config, batch_size, p, n),
     ]
     coarse = _get(data_config, 'coarse_ood', ()) or ()
     if isinstance(coarse, str):
@@ -410,8 +419,8 @@ def eval_datasets(data_config, *, batch_size: int, process_index: Optional[int] 
         split = sources.spec(name).test_split
         if _get(data_config, 'coarse_ood_subsample', False):
             split = _subsample(builder, split, sets[0].num_examples)
-        sets.append(_eval_set(name, 'coarse_ood', builder, split, _all, lambda l: tf.constant(True),
-                              lambda label: -tf.ones_like(label), data_config, batch_size, p, n))
+        sets.append(_eval_set(name, 'coarse_ood', builder, split, _all, _keep_all,
+                              _ood_label, data_config, batch_size, p, n))
     return sets
 
 
@@ -440,8 +449,7 @@ def validation_datasets(data_config, *, batch_size: int, process_index: Optional
     outliers = _outlier_data(data_config)
     if outliers.val_split is not None:
         sets.append(_eval_set('outlier_val', 'ood', outliers.builder, outliers.val_split, _all,
-                              lambda label: tf.constant(True), lambda label: -tf.ones_like(label),
-                              data_config, batch_size, p, n))
+                              _keep_all, _ood_label, data_config, batch_size, p, n))
     return sets
 
 
@@ -454,8 +462,7 @@ def fine_ood_diagnostic_dataset(data_config, *, batch_size: int,
     p, n = _process(process_index, process_count)
     data = _id_data(data_config)
     return _eval_set('fine_ood_diag', 'fine_ood', data.builder, data.full_train_split,
-                     _np_is_ood(data), data.is_ood, lambda label: -tf.ones_like(label),
-                     data_config, batch_size, p, n)
+                     _np_is_ood(data), data.is_ood, _ood_label, data_config, batch_size, p, n)
 
 
 def id_train_eval_dataset(data_config, *, batch_size: int, process_index: Optional[int] = None,
