@@ -18,8 +18,8 @@ is there for the same protocol, so the script resumes), the per-image logits and
 run in ``scores_seed<s>_<variant>.npz`` beside it, and ``tables.md``. ``--summarize`` only reads
 the JSONL and writes the tables.
 
-    .venv/bin/python benchmarks/compare_methods.py --out=benchmarks/results/split0 --seeds=0,1,2,3,4
-    .venv/bin/python benchmarks/compare_methods.py --out=benchmarks/results/split0 --summarize
+    .venv/bin/python benchmarks/compare_methods.py --out=benchmarks/results/split1 --split=1 --seeds=0,1,2,3,4
+    .venv/bin/python benchmarks/compare_methods.py --out=benchmarks/results/split1 --split=1 --summarize
     .venv/bin/python benchmarks/compare_methods.py --smoke   # 1 seed, a few steps, 3 variants
 """
 from __future__ import annotations
