@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.outlier_dataset = 'places365_small'  # auxiliary outliers for exposure
     c.data.coarse_ood = ('dtd', 'oxford_flowers102')  # coarse OOD test sets
     c.data.val_fraction = 0.0  # share of ID training images held out as ID validation
+    c.data.outlier_val_fraction = 0.0  # share of the outliers held out as 'outlier_val' (selection)
     c.data.image_size = 448  # train crop / eval centre crop
     c.data.resize_size = 512  # resize before cropping
     c.data.grayscale = False  # 28 px grey demo sets

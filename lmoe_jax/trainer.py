@@ -562,7 +562,8 @@ def val_accuracy(eval_step, global_state, val_sets: dict, mesh) -> float | None:
 
 def _validation_sets(config) -> dict:
     from lmoe_jax import data
-    if not float(config.data.get('val_fraction', 0.0) or 0.0):
+    if not any(float(config.data.get(k, 0.0) or 0.0) for k in ('val_fraction',
+                                                                  'outlier_val_fraction')):
         return {}
     sets = data.validation_datasets(config.data, batch_size=_eval_batch(config))
     return {s.name: s for s in sets}
