@@ -246,16 +246,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _two_processes(data_dirs, workdir, steps):
+def _two_processes(data_dirs, workdir, steps, *extra):
+    """2 processes x 4 CPU devices (gloo, loopback coordinator); returns their stdouts."""
     port = _free_port()
     procs = [subprocess.Popen(
         cli(data_dirs, workdir, f'--config.num_train_steps={steps}', '--config.data.val_fraction=0.0',
-            f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'),
+            *extra, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+            f'--process_id={i}'),
         env=env(devices=4, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo'),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outs = []
     for p in procs:
-        _, err = p.communicate(timeout=400)
+        out, err = p.communicate(timeout=400)
         assert p.returncode == 0, err.decode()[-4000:]
+        outs.append(out.decode())
+    return outs
 
 
 def test_two_process_run_matches_one_process_with_eight_devices(data_dirs, tmp_path):
@@ -294,6 +299,50 @@ def test_two_process_run_matches_one_process_with_eight_devices(data_dirs, tmp_p
     ref = jax.tree.map(np.asarray, jax.device_get(state.params))
     # gloo's all-reduce sums in another order than one process: 12 steps leave ~4e-6 of noise
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5), params, ref)
+
+
+EVAL_SCORES = "('msp','energy','kl_matching','mahalanobis')"
+
+
+def test_two_process_train_and_eval_gives_the_one_process_report(data_dirs, tmp_path):
+    """--mode=train_and_eval on 2 processes with ID validation, a fine-grained and a coarse OOD
+    set: both return, process 0 alone prints the report, and its metrics equal those of one
+    process (8 devices) evaluating the same checkpoint, to 1e-6."""
+    import json
+    workdir = str(tmp_path / 'multi_eval')
+    outs = _two_processes(data_dirs, workdir, 8, '--config.data.val_fraction=0.2',
+                          f'--config.scores={EVAL_SCORES}', '--mode=train_and_eval')
+    assert 'OOD report of' in outs[0] and 'OOD report of' not in outs[1]
+    assert outs[1].strip() == '', outs[1]  # process 1 prints nothing
+    with open(os.path.join(workdir, 'ood_report.json')) as f:
+        multi = json.load(f)
+    assert set(multi['kinds'].values()) == {'id', 'fine_ood', 'coarse_ood'}
+    c = tiny_config(data_dirs, num_train_steps=8, scores=tuple(eval(EVAL_SCORES)),
+                    **{'data.val_fraction': 0.2})
+    single = trainer.evaluate_run(c, workdir)
+    assert multi['num_images'] == single['num_images']
+    assert multi['id_accuracy'] == pytest.approx(single['id_accuracy'], abs=1e-6)
+    for score, rows in single['scores'].items():
+        for row, values in rows.items():
+            for key, value in values.items():
+                assert multi['scores'][score][row][key] == pytest.approx(value, abs=1e-6), \
+                    (score, row, key)
+
+
+def test_two_process_eval_mode(data_dirs, tmp_path):
+    """--mode=eval alone on 2 processes (config read from the checkpoint) writes the report."""
+    workdir = str(tmp_path / 'multi_eval_only')
+    trainer.run(tiny_config(data_dirs, num_train_steps=4), workdir, 'train')
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'main.py'), f'--workdir={workdir}', '--mode=eval',
+         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+        env=env(devices=4, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo'),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err.decode()[-4000:]
+    assert os.path.getsize(os.path.join(workdir, 'ood_report.json')) > 0
 
 
 def test_cub_config_with_pretrained_weights_starts_from_them(tmp_path):
