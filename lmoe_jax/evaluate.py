@@ -75,7 +75,8 @@ def _check_scores(scores: Sequence[str], config: ScoreConfig) -> Tuple[str, ...]
     scores = tuple(scores)
     unknown = [s for s in scores if s not in scores_lib.ALL_SCORES]
     if unknown or not scores or len(set(scores)) != len(scores):
-        raise ValueError(f'unknown, repeated or no scores {list(scores)}; choose from {list(scores_lib.ALL_SCORES)}.')
+        raise ValueError(f'unknown, repeated or no scores {list(scores)}; '
+                         f'choose from {list(scores_lib.ALL_SCORES)}.')
     if 'odin' in scores and config.odin_input_std is None:
         raise ValueError("ODIN steps in pixel units, so it needs how inputs were normalised: set "
                          "odin_input_std ('imagenet', 'none' or per-channel stds; a run's is "
@@ -108,7 +109,7 @@ def make_forward(apply_fn: Callable, *, features: bool, odin: Optional[ScoreConf
     return jax.jit(forward, out_shardings=None if sharding is None else NamedSharding(sharding.mesh, P()))
 
 
-def default_sharding(sharding: Optional[NamedSharding]) -> Optional[NamedSharding]:
+def _default_sharding(sharding: Optional[NamedSharding]) -> Optional[NamedSharding]:
     """The batch sharding to use: the given one; with several processes, all devices along 'data'."""
     if sharding is None and jax.process_count() > 1:
         return NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), P('data'))
@@ -123,7 +124,7 @@ def model_outputs(forward: Callable, variables: Any, source: sources.BatchSource
     progress = periodic_actions.ReportProgress(num_train_steps=total_batches, every_secs=log_every_s)
     start, count = time.perf_counter(), 0
     for i, (batch, mask) in enumerate(sources.iterate_real_rows(source, max_batches)):
-        label = batch.get('label', np.zeros(len(mask), np.int32))
+        label = batch.get('label', np.full(len(mask), -1, np.int32))
         host = {'image': np.asarray(batch['image'], np.float32), 'mask': mask,
                 'label': np.asarray(label, np.int32)}
         if sharding is not None:
@@ -171,15 +172,13 @@ def score_outputs(outputs: Outputs, stats, scores: Sequence[str], config: ScoreC
     """{score: float64 [N]} of a set's outputs, in padded chunks of one shape (one compilation)."""
     n = len(outputs['logits'])
     size = min(chunk, n)
-    parts = []
-    for start in range(0, n, size):
-        piece = {k: None if outputs.get(k) is None else sources._pad_rows(outputs[k][start:start + size], size)
-                 for k in ('logits', 'features')}
-        parts.append(jax.device_get(_scores_jit(piece['logits'], piece['features'], stats, tuple(scores), config)))
-    out = {s: np.concatenate([p[s] for p in parts])[:n].astype(np.float64) for s in parts[0]}
+    pad = lambda x, i: None if x is None else sources.pad_rows(x[i:i + size], size)  # noqa: E731
+    parts = [jax.device_get(_scores_jit(pad(outputs['logits'], i), pad(outputs.get('features'), i), stats,
+                                        tuple(scores), config)) for i in range(0, n, size)]
+    out = {s: np.concatenate([p[s] for p in parts])[:n] for s in parts[0]}
     if 'odin' in scores:
-        out['odin'] = np.asarray(outputs['odin'], np.float64)
-    return {s: out[s] for s in scores}
+        out['odin'] = outputs['odin']
+    return {s: np.asarray(out[s], np.float64) for s in scores}
 
 
 # ----------------------------------------------------------------------------- scores -> metrics -> report
@@ -228,7 +227,8 @@ def _report_config(scores, score_config: ScoreConfig, stats) -> Dict[str, Any]:
     return config
 
 
-def _fit(scores, config: ScoreConfig, fc_params, train, val, seed):
+def fit_statistics(scores, config: ScoreConfig, fc_params, train, val, seed: int = 0):
+    """What the fitted scores need, from streams of outputs (see ``lmoe_jax.ood.fitting``)."""
     return fitting.fit_score_statistics(
         train, scores=scores, fc_params=fc_params, val_stream=val, vim_dim=config.vim_dim,
         react_percentile=config.react_percentile, react_sample_size=config.react_sample_size, seed=seed)
@@ -239,7 +239,8 @@ def _metrics_and_report(set_outputs: Mapping[str, Outputs], kinds: Mapping[str, 
     """Outputs -> scores -> metrics, and the report from process 0 only."""
     set_scores = {name: score_outputs(out, stats, scores, config) for name, out in set_outputs.items()}
     labels = set_outputs[id_name].get('label')
-    accuracy = None if labels is None else metrics_lib.top1_accuracy(set_outputs[id_name]['logits'], labels)
+    labelled = labels is not None and bool(np.all(labels >= 0))  # -1: no label given
+    accuracy = metrics_lib.top1_accuracy(set_outputs[id_name]['logits'], labels) if labelled else None
     metrics = build_metrics(set_scores, kinds, id_name, accuracy, num_subsamples=num_subsamples, seed=seed,
                             config=_report_config(scores, config, stats))
     if jax.process_index() == 0:
@@ -256,7 +257,8 @@ def _metrics_and_report(set_outputs: Mapping[str, Outputs], kinds: Mapping[str, 
 def _check_eval_sets(eval_sets) -> Tuple[str, Dict[str, str]]:
     for s in eval_sets:
         if not sources.is_eval_set(s):
-            raise ValueError(f'eval_sets must hold objects with name, kind and batches; got {type(s).__name__}.')
+            raise ValueError(f'eval_sets must hold objects with name, kind and batches; '
+                             f'got {type(s).__name__}.')
         if s.kind not in sources.KINDS:
             raise ValueError(f"eval set '{s.name}' has kind {s.kind!r}; use one of {sources.KINDS}.")
     names = [s.name for s in eval_sets]
@@ -331,7 +333,7 @@ def evaluate(*, apply_fn: Callable, variables: Any, eval_sets: Sequence[Any], fi
     if fitted and train is None and val is None:
         raise ValueError(f'scores {fitted} are fitted on ID data: pass fit_sets={{"train": ..., "val": ...}} '
                          '(ID training images with labels), or leave them out of scores.')
-    sharding = default_sharding(batch_sharding)
+    sharding = _default_sharding(batch_sharding)
     with_features = any(s in scores_lib.FEATURE_SCORES for s in scores)
     run = functools.partial(model_outputs, variables=variables, sharding=sharding, log_every_s=log_every_s)
     stats = {}
@@ -339,7 +341,8 @@ def evaluate(*, apply_fn: Callable, variables: Any, eval_sets: Sequence[Any], fi
         fit_forward = make_forward(apply_fn, features=with_features, sharding=sharding)
         stream = lambda src, what: None if src is None else (  # noqa: E731
             lambda: run(fit_forward, source=src, max_batches=max_fit_batches, what=what))
-        stats = _fit(scores, score_config, fc_params, stream(train, 'fit[train]'), stream(val, 'fit[val]'), seed)
+        stats = fit_statistics(scores, score_config, fc_params, stream(train, 'fit[train]'),
+                               stream(val, 'fit[val]'), seed)
     forward = make_forward(apply_fn, features=with_features, sharding=sharding,
                            odin=score_config if 'odin' in scores else None)
     set_outputs = {s.name: concat_outputs(run(forward, source=s.batches, what=f'eval[{s.name}]',
@@ -428,7 +431,8 @@ def ood_metrics(id_data: Any, ood_data: Any, *, apply_fn: Optional[Callable] = N
         fit_sets = {k: sources.as_batch_source(v, batch_size)
                     for k, v in (('train', fit_data), ('val', val_data)) if v is not None} or None
         eval_sets = [EvalSet(id_name, 'id', sources.as_batch_source(id_data, batch_size))]
-        eval_sets += [EvalSet(n, kinds[n], sources.as_batch_source(d, batch_size)) for n, d in ood_sets.items()]
+        eval_sets += [EvalSet(n, kinds[n], sources.as_batch_source(d, batch_size))
+                      for n, d in ood_sets.items()]
         return evaluate(apply_fn=apply_fn, variables=variables, eval_sets=eval_sets, fit_sets=fit_sets,
                         workdir=workdir, scores=scores, fc_params=fc_params, score_config=score_config,
                         num_subsamples=num_subsamples, seed=seed, plots=plots)
@@ -451,7 +455,7 @@ def ood_metrics(id_data: Any, ood_data: Any, *, apply_fn: Optional[Callable] = N
         raise ValueError("Mahalanobis needs labelled ID training outputs: fit_data={'logits', "
                          "'features', 'label'}.")
     stream = lambda o: None if o is None else (lambda: iter([o]))  # noqa: E731
-    stats = _fit(scores, score_config, fc_params, stream(fit_out), stream(val_out), seed)
+    stats = fit_statistics(scores, score_config, fc_params, stream(fit_out), stream(val_out), seed)
     return _metrics_and_report(set_outputs, {id_name: 'id', **kinds}, id_name, stats, scores, score_config,
                                num_subsamples=num_subsamples, seed=seed, workdir=workdir, writer=None, step=0,
                                plots=plots)

@@ -229,6 +229,10 @@ def test_notebook_entry_with_model_arrays_and_tf_data_agree_with_evaluate(setup,
             for key in want:
                 assert got['scores'][score]['fine'][key] == pytest.approx(want[key], abs=1e-6), (score, key)
     assert from_tf['id_accuracy'] == pytest.approx(full_run[0]['id_accuracy'])
+    # images without labels: no accuracy; without input_normalization: no ODIN by default
+    bare = ev.ood_metrics(setup['id'][0], setup['fine'], apply_fn=setup['model'].apply,
+                          variables=setup['variables'], batch_size=16, plots=False)
+    assert bare['id_accuracy'] is None and set(bare['scores']) == {'msp', 'max_logit', 'energy', 'gen'}
 
 
 def test_odin_is_the_perturbed_score_recomputed_with_jax(setup, full_run):
