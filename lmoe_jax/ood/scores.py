@@ -3,7 +3,8 @@
 Logit scores take logits ``[B, K]``; feature scores also take penultimate features
 ``[B, D]`` and statistics fitted on ID data (see ``lmoe_jax.ood.fitting``). ODIN needs the
 model itself because it perturbs the input along the gradient of its own confidence.
-All scores are computed in float32 whatever the dtype of the inputs.
+All scores are computed in float32 whatever the dtype of the inputs. MSP and ODIN report the
+log-odds of the max softmax probability (same ranking, no saturation at 1.0).
 """
 from typing import Any, Callable, Sequence, Tuple
 
@@ -36,7 +37,7 @@ def msp(logits):
     Returns ``log(p / (1 - p))`` of ``p = max softmax``, computed as ``z_max - logsumexp(z_rest)``
     so it never saturates: a float32 softmax rounds ``p`` to exactly 1.0 once the others sum below
     ~6e-8, which ties confident images that the logits tell apart. Strictly increasing in ``p``
-    (``p = sigmoid(score)``), so every rank-based metric is that of MSP computed exactly.
+    (``p = sigmoid(score)``), so rank-based metrics are those of MSP without the rounding of ``p``.
     """
     if _f32(logits).shape[-1] < 2:
         return jnp.zeros(_f32(logits).shape[:-1], jnp.float32)  # one class: p = 1 for every image
