@@ -241,7 +241,8 @@ def evaluate_state(state, arrays: Mapping[str, Mapping[str, np.ndarray]],
     for name in ('id_test', 'fine_ood_test'):
         z = logits[name]
         top2 = np.sort(z, axis=-1)[:, -2:]
-        diag[name] = {'mean_msp': float(scores[name]['msp'].mean()),
+        # msp is the log-odds of the max softmax probability; the mean is of the probability
+        diag[name] = {'mean_msp': float((1.0 / (1.0 + np.exp(-scores[name]['msp']))).mean()),
                       'mean_energy': float(scores[name]['energy'].mean()),
                       'mean_top1_margin': float(np.mean(top2[:, 1] - top2[:, 0])),
                       'mean_logit_std': float(np.mean(np.std(z, axis=-1)))}

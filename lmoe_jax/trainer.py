@@ -601,7 +601,7 @@ def evaluate_run(config, workdir, *, step: int | None = None,
     """Evaluate the best (or ``step``) checkpoint of a run; process 0 writes the report into
     the workdir, every process returns the metrics. SIGTERM interrupts it (nothing written)."""
     from lmoe_jax import data, evaluate
-    from lmoe_jax.ood import report
+    from lmoe_jax.ood import report, scores as ood_scores
     workdir = checkpoint.as_path(workdir)
     setup = make_setup(config)
     state = initial_state(setup, load_pretrained=False)  # the checkpoint replaces every weight
@@ -639,7 +639,8 @@ def evaluate_run(config, workdir, *, step: int | None = None,
                 apply_fn=setup.model.apply, variables=state.variables, eval_sets=eval_sets,
                 fit_sets=fit_sets, workdir=str(workdir), scores=score_names, writer=writer,
                 step=step, batch_sharding=parallel.data_sharded(setup.mesh),
-                seed=int(config.seed))
+                seed=int(config.seed), score_config=evaluate.ScoreConfig(
+                    odin_input_std=ood_scores.normalization_std_from_config(config.data)))
     finally:
         writer.close()
     console(f'\nOOD report of {workdir} (step {step}, method {config.method}):')
