@@ -108,7 +108,8 @@ def resnet_forward_flops(name: str, image_size: int, num_classes: int, width: in
 # Timing and memory
 # --------------------------------------------------------------------------------------------------
 
-def time_steps(step: Callable[[], Any], steps: int, wait: Callable[[Any], Any]) -> tuple[list, list]:
+def time_steps(step: Callable[[], Any], steps: int,
+               wait: Callable[[Any], Any]) -> tuple[list, list]:
     """Wall and process-CPU seconds of ``steps`` calls of ``step``, each waited for by ``wait``."""
     times, cpu_times = [], []
     for _ in range(steps):
@@ -120,7 +121,7 @@ def time_steps(step: Callable[[], Any], steps: int, wait: Callable[[Any], Any]) 
 
 
 def summarize(times: list[float], batch_size: int, passes: int, cpu_times: list[float]) -> dict:
-    """Step statistics; ``cpu_s_median`` (process CPU time per step) is steadier on a loaded host."""
+    """Step statistics; ``cpu_s_median`` (process CPU time per step) is steadier on a busy host."""
     median = statistics.median(times)
     return {
         'cpu_s_median': statistics.median(cpu_times), 'cpu_s_all': cpu_times,

@@ -1,4 +1,4 @@
-"""bf16 ResNet-50 training on one GPU: lmoe_jax's train step against PyTorch eager and torch.compile.
+"""bf16 ResNet-50 training on one GPU: lmoe_jax's train step vs PyTorch eager and torch.compile.
 
 One run on one GPU times the step of baseline, MixOE (``mixoe_mixup``) and LMoE at 224 px:
 
@@ -265,8 +265,8 @@ def summary(run: dict) -> list[str]:
                            f"{lm['step_s_median'] / mx['step_s_median']:.2f}x")
     for runner, why in run['search_stopped'].items():
         found = run['largest_batch'].get(runner)
-        out.append(f"- largest LMoE batch, {runner}: "
-                   f"{f'B={found}' if found else 'none above the fixed batch'} (search stopped: {why})")
+        found = f'B={found}' if found else 'none above the fixed batch'
+        out.append(f'- largest LMoE batch, {runner}: {found} (search stopped: {why})')
     skipped = [r for r in run['results'] if r.get('status') in ('skipped', 'cut')]
     if skipped:
         out.append(f"- not measured ({len(skipped)}): " + '; '.join(
@@ -281,7 +281,7 @@ def summary(run: dict) -> list[str]:
 def worker_env(spec: dict) -> dict[str, str]:
     extra = {}
     if spec['framework'] == 'torch':
-        extra['JAX_PLATFORMS'] = 'cpu'  # the torch worker reads lmoe_jax.losses: keep JAX off the GPU
+        extra['JAX_PLATFORMS'] = 'cpu'  # it reads lmoe_jax.losses: keep JAX off the GPU
     elif spec.get('platform') == 'cpu':
         extra['JAX_PLATFORMS'] = 'cpu'
     env = common.worker_env(extra)
@@ -312,7 +312,8 @@ def main(argv=None) -> int:
                              'checks the script, measures nothing')
     parser.add_argument('--runners', default=','.join(RUNNERS))
     parser.add_argument('--methods', default=None,
-                        help=f"default {','.join(METHODS)} ({','.join(SMOKE_METHODS)} with --smoke)")
+                        help=f"default {','.join(METHODS)} "
+                             f"({','.join(SMOKE_METHODS)} with --smoke)")
     parser.add_argument('--no_search', action='store_true', help='skip the largest-batch search')
     parser.add_argument('--budget_s', type=float, default=None, help='time guard (default 450 s)')
     parser.add_argument('--batch_size', type=int, default=None, help='the fixed B (default 64)')

@@ -77,7 +77,8 @@ class FakeRunner:
     decides which cases run out of memory."""
 
     def __init__(self, cost_s=1.0, oom=lambda spec: False, timed_out=lambda spec: False):
-        self.now, self.cost_s, self.oom, self.timed_out, self.calls = 0.0, cost_s, oom, timed_out, []
+        self.now, self.cost_s, self.calls = 0.0, cost_s, []
+        self.oom, self.timed_out = oom, timed_out
 
     def clock(self):
         return self.now
@@ -149,7 +150,7 @@ def test_predicted_peak_is_the_line_through_the_last_two_points():
     assert gpu.predicted_peak_mib([(64, 1640.0), (128, 2280.0)], 256) == pytest.approx(3560.0)
 
 
-# ----------------------------------------------------------------- the PyTorch reference (needs torch)
+# ----------------------------------------------------------------- the PyTorch side (needs torch)
 
 def test_torch_small_cnn_twin_has_the_jax_parameter_count():
     pytest.importorskip('torchvision')
@@ -214,7 +215,8 @@ def test_benchmark_scripts_start(script):
 def test_gpu_smoke_run_writes_json_and_markdown(tmp_path):
     """`gpu.py --smoke` end to end on CPU (small_cnn, 32 px, B=8, 2 steps): the real workers,
     the report files, PyTorch either measured or reported as skipped."""
-    cmd = [sys.executable, os.fspath(ROOT / 'benchmarks' / 'gpu.py'), '--smoke', f'--out={tmp_path}']
+    cmd = [sys.executable, os.fspath(ROOT / 'benchmarks' / 'gpu.py'), '--smoke',
+           f'--out={tmp_path}']
     out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads((tmp_path / 'gpu.json').read_text())

@@ -81,5 +81,6 @@ def _get(config: Any, key: str, default: Any) -> Any:
     return getattr(config, key, default)
 
 
-__all__ = ['create_model', 'resolve_matmul_convs', 'MODEL_NAMES', 'ResNet', 'BasicBlock', 'Bottleneck', 'load_pretrained',
+__all__ = ['create_model', 'resolve_matmul_convs', 'MODEL_NAMES', 'ResNet', 'BasicBlock',
+           'Bottleneck', 'load_pretrained',
            'maybe_load_pretrained', 'PretrainedMismatchError', 'PretrainedUnavailableError']
