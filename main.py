@@ -12,6 +12,7 @@ import errno
 import logging as pylogging
 import os
 import sys
+import threading
 import traceback
 
 from absl import app, flags, logging
@@ -116,6 +117,11 @@ def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ INFO/WARNING lines
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_handler().addFilter(_Readable())
+    # errors of library threads and callbacks (TensorStore's on a full disk): one line each
+    threading.excepthook = lambda a: logging.error('a background thread failed: %s: %s',
+                                                   a.exc_type.__name__, a.exc_value)
+    sys.unraisablehook = lambda u: logging.error('ignored in a library callback: %s: %s',
+                                                 u.exc_type.__name__, u.exc_value)
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
 
