@@ -91,7 +91,29 @@ BENIGN_WARNINGS = (
     'CheckpointManagerOptions.read_only=True',  # Orbax: our read-only managers are on purpose
     'Given directory is read only',
     'Requested `tracked_metric`; did not provide metrics',  # Orbax: a save between validations
+    'has no dataset_info.json',  # TFDS, while a dataset is first prepared
+    'oneDNN custom operations are on',  # TensorFlow's C++ start-up notes, not affected by
+    'All log messages before absl::InitializeLog()',  # TF_CPP_MIN_LOG_LEVEL
 )
+
+
+def _import_tensorflow_quietly() -> None:
+    """TensorFlow's C++ start-up notes ignore TF_CPP_MIN_LOG_LEVEL: import it with stderr in a
+    temporary file and pass on every line that is not one of the known notes."""
+    import tempfile
+    with tempfile.TemporaryFile(mode='w+b') as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors='replace').splitlines():
+                if not any(text in line for text in BENIGN_WARNINGS):
+                    print(line, file=sys.stderr)
 
 
 class _Readable(pylogging.Filter):
@@ -115,6 +137,7 @@ def _quiet_libraries(verbose: bool) -> None:
         logging.set_verbosity(logging.INFO)
         return
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ INFO/WARNING lines
+    _import_tensorflow_quietly()
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_handler().addFilter(_Readable())
     # errors of library threads and callbacks (TensorStore's on a full disk): one line each
