@@ -659,9 +659,23 @@ def _announced(eval_set):
     return eval_set._replace(batches=batches)
 
 
+def prepare_datasets(data_config) -> None:
+    """Prepare (or check) every dataset of the config on process 0 while the others wait: TFDS
+    preparation writes into the shared data_dir, and two processes preparing at once collide."""
+    from lmoe_jax import data
+    if jax.process_index() == 0:
+        names = [data_config.dataset, data_config.outlier_dataset, *data_config.coarse_ood]
+        for name in dict.fromkeys(n for n in names if n):
+            data.open_builder(name, data_config)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices('lmoe_jax: datasets prepared')
+
+
 def run(config, workdir, mode: str = 'train_and_eval', *, eval_step: int | None = None):
     """The whole program: optional baseline stage, the method's stage, then the evaluation."""
     validate_config(config, mode=mode)
+    prepare_datasets(config.data)
     enable_compilation_cache(config, workdir)
     t0 = time.time()
     with _StopFlag() as stop:

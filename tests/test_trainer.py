@@ -1,6 +1,7 @@
 """The trainer end to end: checkpoints, resume, SIGKILL/SIGTERM, config errors, stages, pmap,
 non-finite stop, and a real two-process run on this machine."""
 import copy
+import dataclasses
 import os
 import signal
 import socket
@@ -274,17 +275,30 @@ def test_two_process_run_matches_one_process_with_eight_devices(data_dirs, tmp_p
     step, params = final_params(workdir)
     assert step == 12
 
+    ref8, ref4 = (_replay_one_process(data_dirs, devices) for devices in (8, 4))
+    # Same computation, other summation order: after 12 steps at lr 0.05 the order alone moves
+    # parameters by up to ~5e-4 (one process, 8 vs 4 devices, measured here as `spread`). The
+    # two-process run (4 + 4 devices, gloo) must sit as close to one 8-device process as that.
+    spread = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(ref8),
+                                                              jax.tree.leaves(ref4)))
+    worst = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(params),
+                                                             jax.tree.leaves(ref8)))
+    assert 0 < spread < 2e-3
+    assert worst <= 2 * spread, (worst, spread)
+
+
+def _replay_one_process(data_dirs, num_devices):
+    """The two-process run replayed in this process on ``num_devices`` devices: the same global
+    batches (the two halves concatenated), a 6-step schedule for the first half, then 12."""
     from lmoe_jax import data, parallel
     c = tiny_config(data_dirs, num_train_steps=12, **{'data.val_fraction': 0.0})
-    setup = trainer.make_setup(c)
-    # the two-process run used a 6-step schedule for its first half, then 12: replay exactly that
+    setup = dataclasses.replace(trainer.make_setup(c),
+                                mesh=parallel.make_mesh(jax.devices()[:num_devices]))
     streams = [data.train_stream(c.data, batch_size=8, seed=0, process_index=i, process_count=2)
                for i in range(2)]
     rng = parallel.replicate(jax.random.fold_in(jax.random.key(0), 1), setup.mesh)
     step_fn = parallel.jit_train_step(setup.method, setup.mesh)
-    c6 = copy.deepcopy(c)
-    c6.num_train_steps = 6
-    state = trainer.initial_state(trainer.make_setup(c6))
+    state = trainer.initial_state(dataclasses.replace(setup, total_steps=6))
     for _ in range(6):
         parts = [next(s) for s in streams]
         batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -296,9 +310,7 @@ def test_two_process_run_matches_one_process_with_eight_devices(data_dirs, tmp_p
         parts = [next(s) for s in streams]
         batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         state, _ = step_fn(state, parallel.global_batch(batch, setup.mesh), rng)
-    ref = jax.tree.map(np.asarray, jax.device_get(state.params))
-    # gloo's all-reduce sums in another order than one process: 12 steps leave ~4e-6 of noise
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5), params, ref)
+    return jax.tree.map(np.asarray, jax.device_get(state.params))
 
 
 EVAL_SCORES = "('msp','energy','kl_matching','mahalanobis')"
