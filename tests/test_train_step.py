@@ -169,6 +169,18 @@ def collectives(hlo_text):
                       flags=re.M)
 
 
+def test_interleave_orders_rows_by_example_and_deinterleave_undoes_it():
+    x, x_ood, x_mix = (np.arange(4)[:, None] + 10 * p + np.zeros((4, 2)) for p in range(3))
+    images = np.asarray(train.interleave([jnp.asarray(x), jnp.asarray(x_ood), jnp.asarray(x_mix)]))
+    # example b's three images sit in rows 3b, 3b+1, 3b+2: ID, outlier, mixed
+    np.testing.assert_array_equal(images[:, 0], [0, 10, 20, 1, 11, 21, 2, 12, 22, 3, 13, 23])
+    back = train.deinterleave(jnp.asarray(images), 3)
+    for got, want in zip(back, (x, x_ood, x_mix)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(train.interleave([jnp.asarray(x)]), x)
+    np.testing.assert_array_equal(train.deinterleave(jnp.asarray(x), 1)[0], x)
+
+
 def test_collective_counter_sees_a_reshard():
     """The counter below is not vacuous: concatenating two batch-sharded arrays along the
     sharded axis makes XLA move shards between devices, and the counter sees it."""
