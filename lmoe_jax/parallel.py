@@ -80,7 +80,7 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 def jit_train_step(method: losses.Method, mesh: Mesh) -> Callable:
     """The compiled step: ``(state, batch, rng) -> (state, metrics)``; state donated."""
     state_sh, data_sh = replicated(mesh), data_sharded(mesh)
-    step = functools.partial(train.train_step, method=method)
+    step = functools.partial(train.train_step, method=method, mesh=mesh)
     return jax.jit(step, in_shardings=(state_sh, data_sh, state_sh),
                    out_shardings=(state_sh, state_sh), donate_argnums=(0,))
 

@@ -1,10 +1,12 @@
 """TrainState, the optimiser, and the pure train step of the OE family.
 
 ``train_step(state, batch, rng, *, method)`` is the one place where models and losses meet:
-it samples lam, builds the mixed batch, runs ONE forward pass over the concatenation of the
-images the method needs (``[x]``, ``[x, x_ood]``, ``[x, x_mix]`` or ``[x, x_ood, x_mix]``, chosen
-statically from the weights), splits the logits, calls ``oe_family_loss``, and applies one
-optimiser update and one BatchNorm-statistics update. The training loop lives in ``trainer.py``.
+it samples lam, builds the mixed batch, runs ONE forward pass over all the images the method
+needs (``[x]``, ``[x, x_ood]``, ``[x, x_mix]`` or ``[x, x_ood, x_mix]``, chosen statically from the
+weights; interleaved per example so a sharded batch stays on its devices), splits the logits,
+calls ``oe_family_loss``, and applies one optimiser update and one BatchNorm-statistics update.
+On a mesh its only collectives are all-reduces (gradients, BatchNorm statistics, metrics). The
+training loop lives in ``trainer.py``.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmoe_jax import losses, mixing
 
@@ -96,17 +99,22 @@ def create_train_state(rng: Array, model, tx: optax.GradientTransformation,
 # --------------------------------------------------------------------------------------------------
 
 def _sample_mix(key: Array, x: Array, x_ood: Array, method: losses.Method,
-                axis_name: str | None) -> tuple[Array | None, Array]:
+                axis_name: str | None, mesh: Mesh | None) -> tuple[Array | None, Array]:
     """lam (and x_mix when the method needs it), identical to the single-program draw under pmap.
 
     Per-example draws are made for the global batch and each device takes its own slice, so
-    jit over a mesh, pmap and one device see the same lam for the same example.
+    jit over a mesh, pmap and one device see the same lam for the same example. On a mesh the
+    draw is pinned replicated: every device draws the batch's few lam values itself. Left to
+    XLA, the Beta sampler would be split over the devices, and its rejection loop would then
+    all-reduce its stop flag every iteration.
     """
     local = x.shape[0]
     n_dev = jax.lax.axis_size(axis_name) if axis_name else 1
     key_lam, key_box = jax.random.split(key)
     shape = (local * n_dev,) if method.lam_per_example else ()
     lam = mixing.sample_lam(key_lam, method.alpha, shape)
+    if mesh is not None:
+        lam = jax.lax.with_sharding_constraint(lam, NamedSharding(mesh, PartitionSpec()))
     mask = None
     if method.needs_mix and method.mix == 'cutmix':
         mask, lam = mixing.cutmix_box(key_box, lam, x.shape[1], x.shape[2])
@@ -122,9 +130,34 @@ def _sample_mix(key: Array, x: Array, x_ood: Array, method: losses.Method,
     return mixing.mixup(x, x_ood, lam), lam
 
 
+def interleave(parts: list[Array]) -> Array:
+    """``P`` batches of ``B`` -> one batch of ``B*P``, row ``b*P + p`` = ``parts[p][b]``.
+
+    Row-major: the rows of example ``b`` stay next to each other, so a batch sharded along its
+    leading axis keeps every image on the device that holds it. (``concatenate`` along axis 0
+    would put ``parts[1]`` behind ``parts[0]`` and make XLA move shards between devices.)
+    """
+    if len(parts) == 1:
+        return parts[0]
+    return jnp.stack(parts, axis=1).reshape(-1, *parts[0].shape[1:])
+
+
+def deinterleave(y: Array, num_parts: int) -> list[Array]:
+    """Inverse of ``interleave`` on the outputs: ``[B*P, ...]`` -> ``P`` arrays of ``[B, ...]``."""
+    if num_parts == 1:
+        return [y]
+    y = y.reshape(-1, num_parts, *y.shape[1:])
+    return [y[:, p] for p in range(num_parts)]
+
+
 def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *, method: losses.Method,
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, Array]]:
-    """One optimiser step of ``method``; pure. ``axis_name``: the pmap axis to average over."""
+               axis_name: str | None = None,
+               mesh: Mesh | None = None) -> tuple[TrainState, dict[str, Array]]:
+    """One optimiser step of ``method``; pure.
+
+    ``axis_name``: the pmap axis to average over. ``mesh``: the mesh a jit step runs on (the
+    batch sharded along it); only used to keep the lam draw on every device (``_sample_mix``).
+    """
     rng = jax.random.fold_in(rng, state.step)
     x, labels = batch['image'], batch['label']
     x_ood = batch.get('ood_image')
@@ -133,15 +166,14 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *, method
     lam = jnp.ones((), jnp.float32)
     x_mix = None
     if method.needs_lam:
-        x_mix, lam = _sample_mix(rng, x, x_ood, method, axis_name)
+        x_mix, lam = _sample_mix(rng, x, x_ood, method, axis_name, mesh)
     parts = [x] + ([x_ood] if method.needs_ood else []) + ([x_mix] if method.needs_mix else [])
-    images = jnp.concatenate(parts, axis=0) if len(parts) > 1 else x
+    images = interleave(parts)
 
     def loss_fn(params):
         logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
                                          images, train=True, mutable=['batch_stats'])
-        logits = logits.astype(jnp.float32)
-        chunks = iter(jnp.split(logits, len(parts), axis=0))
+        chunks = iter(deinterleave(logits.astype(jnp.float32), len(parts)))
         logits_id = next(chunks)
         logits_ood = next(chunks) if method.needs_ood else None
         logits_mix = next(chunks) if method.needs_mix else None

@@ -157,6 +157,63 @@ def test_methods_forward_only_the_images_they_need(method_name, n_images):
     assert first_conv_batches and set(first_conv_batches) == {str(n_images)}
 
 
+# ------------------------------------------------------------------ no hidden collectives
+
+MOVES_DATA = ('all-to-all', 'collective-permute', 'all-gather', 'reduce-scatter')
+
+
+def collectives(hlo_text):
+    """``(op, result shape)`` of each collective instruction in optimised HLO text."""
+    ops = '|'.join(MOVES_DATA + ('all-reduce',))
+    return re.findall(r'^\s*(?:ROOT )?%\S+ = (.*?) (' + ops + r')(?:-start)?\(', hlo_text,
+                      flags=re.M)
+
+
+def test_interleave_orders_rows_by_example_and_deinterleave_undoes_it():
+    x, x_ood, x_mix = (np.arange(4)[:, None] + 10 * p + np.zeros((4, 2)) for p in range(3))
+    images = np.asarray(train.interleave([jnp.asarray(x), jnp.asarray(x_ood), jnp.asarray(x_mix)]))
+    # example b's three images sit in rows 3b, 3b+1, 3b+2: ID, outlier, mixed
+    np.testing.assert_array_equal(images[:, 0], [0, 10, 20, 1, 11, 21, 2, 12, 22, 3, 13, 23])
+    back = train.deinterleave(jnp.asarray(images), 3)
+    for got, want in zip(back, (x, x_ood, x_mix)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(train.interleave([jnp.asarray(x)]), x)
+    np.testing.assert_array_equal(train.deinterleave(jnp.asarray(x), 1)[0], x)
+
+
+def test_collective_counter_sees_a_reshard():
+    """The counter below is not vacuous: concatenating two batch-sharded arrays along the
+    sharded axis makes XLA move shards between devices, and the counter sees it."""
+    mesh = parallel.make_mesh()
+    x = jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=parallel.data_sharded(mesh))
+    f = jax.jit(lambda a, b: jnp.concatenate([a, b]) * 2.0,
+                out_shardings=parallel.data_sharded(mesh))
+    found = [op for _, op in collectives(f.lower(x, x).compile().as_text())]
+    assert set(found) & set(MOVES_DATA), found
+
+
+@pytest.mark.parametrize('method_name,overrides', [(name, {}) for name in losses.PRESETS] + [
+    ('mixoe_mixup', {'lam_per_example': True}),
+    ('mixoe_cutmix', {'lam_per_example': True}),
+    ('lmoe', {'lam_per_example': True}),
+    ('lmoe', {'mix': 'cutmix', 'lam_per_example': True}),
+])
+def test_jit_step_on_a_mesh_keeps_every_shard_on_its_device(method_name, overrides):
+    """Data parallelism needs all-reduces only (gradients, BatchNorm statistics, metrics): no op
+    that moves batch shards between devices, and no all-reduce of a boolean (the stop flag of a
+    sampling loop that XLA split over the devices)."""
+    method = losses.get_method(method_name, overrides)
+    mesh = parallel.make_mesh()
+    state = jax.eval_shape(lambda: tiny_state(tiny_model()))
+    batch = parallel.global_batch(make_batch(16), mesh)
+    step = parallel.jit_train_step(method, mesh)
+    found = collectives(step.lower(state, batch, jax.random.key(0)).compile().as_text())
+    assert [op for _, op in found if op in MOVES_DATA] == []
+    reduced = [shape for shape, op in found if op == 'all-reduce']
+    assert reduced, 'the gradients must be all-reduced'
+    assert not [shape for shape in reduced if 'pred[' in shape], reduced
+
+
 # ------------------------------------------------------------------ learning, determinism, bf16
 
 
