@@ -6,34 +6,39 @@ Protocol (issue 8, item 2), per seed ``s``:
 2. fine-tune that same checkpoint with every variant for ``--finetune_steps`` steps on the very
    same batches (ID order and outlier draws, cached once per seed) with the very same rng, so
    lam draws agree step by step (``train_step`` folds the rng with the step);
-3. evaluate MSP and Energy scores on the validation sets (ID val = held-out share of ID train,
-   fine-grained OOD val = TRAINING images of the held-out classes) and on the test sets
-   (ID test, fine-grained OOD test, coarse OOD digits).
+3. evaluate MSP and Energy scores on the validation sets, which alone may choose anything
+   (ID val = held-out share of ID train; outlier val = held-out auxiliary outliers the train
+   stream never draws), on the test sets (ID test, fine-grained OOD test, coarse OOD digits), and
+   on a diagnostic reported apart and never used to choose ('fine_ood_diag': training images of
+   the held-out classes, i.e. of the classes the test calls OOD).
 
-Every finished (seed, variant) is appended as one JSON line to ``--results``; a rerun skips
-what is already there (same protocol), so the script resumes after an interruption.
-``--summarize`` only reads the JSONL and writes the markdown tables.
+The class split is an argument (``--id_classes=0,1,2,3,8,9`` or ``--split=N``). Everything goes
+to ``--out``: one JSON line per finished (seed, variant) in ``results.jsonl`` (a rerun skips what
+is there for the same protocol, so the script resumes), the per-image logits and scores of that
+run in ``scores_seed<s>_<variant>.npz`` beside it, and ``tables.md``. ``--summarize`` only reads
+the JSONL and writes the tables.
 
-    .venv/bin/python benchmarks/compare_methods.py --seeds=0,1,2,3,4
-    .venv/bin/python benchmarks/compare_methods.py --summarize
-    .venv/bin/python benchmarks/compare_methods.py --smoke   # 1 seed, a few steps, scratch files
+    .venv/bin/python benchmarks/compare_methods.py --out=benchmarks/results/split1 --split=1 --seeds=0,1,2,3,4
+    .venv/bin/python benchmarks/compare_methods.py --out=benchmarks/results/split1 --split=1 --summarize
+    .venv/bin/python benchmarks/compare_methods.py --smoke   # 1 seed, a few steps, 3 variants
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
-import os
+import re
 import sys
 import time
-from typing import Any, Dict, Iterable, List, Mapping, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
+from etils import epath
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = epath.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-RESULTS_DIR = os.path.join(ROOT, 'benchmarks', 'results')
 REFERENCE = 'mixoe_mixup'  # paired differences of the main table are taken to this method
 LMOE_REFERENCE = 'lmoe'  # and of the ablation to the reconstructed preset
 
@@ -62,28 +67,50 @@ ABLATION = {
 }
 VARIANTS = {**MAIN, **ABLATION}
 SCORES = ('msp', 'energy')
+SMOKE_VARIANTS = 'baseline,mixoe_mixup,lmoe'
 
 
 # --------------------------------------------------------------------------------------------------
 # Set-up: config, data, model
 # --------------------------------------------------------------------------------------------------
 
-def demo_config(data_dir: str):
+def parse_classes(text: str) -> List[int]:
+    return sorted(int(c) for c in text.split(',') if c.strip())
+
+
+def demo_config(data_dir: str, *, id_classes: Optional[Sequence[int]] = None,
+                split: Optional[int] = None, outlier_val_fraction: float = 0.1):
+    """The demo config with a class split (explicit ID classes, or MixOE split ``split`` of
+    the config's 6 of 10; neither: the config's own {0, 1, 2, 3, 8, 9}) and the share of the
+    outliers held out for validation."""
     from configs import fashion_mnist
     cfg = fashion_mnist.get_config()
-    cfg.data.data_dir = data_dir
+    cfg.data.data_dir = str(data_dir)
+    if id_classes and split is not None:
+        raise SystemExit('give --id_classes or --split, not both')
+    if id_classes:
+        cfg.data.id_classes = tuple(id_classes)
+        cfg.data.num_id_classes = len(id_classes)
+    elif split is not None:
+        cfg.data.id_classes = None
+        cfg.data.split = int(split)
+    cfg.data.outlier_val_fraction = float(outlier_val_fraction)
     return cfg
 
 
-def load_eval_arrays(cfg, fine_val_size: int, batch_size: int = 1000) -> Dict[str, Dict[str, np.ndarray]]:
-    """Every validation and test set once, as host arrays {name: {'image', 'label'}}.
+def load_eval_arrays(cfg, fine_diag_size: int, batch_size: int = 1000) -> Dict[str, Dict[str, np.ndarray]]:
+    """Every validation, test and diagnostic set once, as host arrays {name: {'image', 'label'}}.
 
-    The fine-grained OOD validation set (24k training images of the held-out classes) is cut to a
-    fixed random ``fine_val_size`` subset (seed 0) to keep evaluation cheap.
+    The fine-grained diagnostic (all training images of the held-out classes) is cut to a fixed
+    random ``fine_diag_size`` subset (seed 0) to keep evaluation cheap.
     """
     from lmoe_jax import data
-    sets = data.validation_datasets(cfg.data, batch_size=batch_size, process_index=0, process_count=1)
-    sets += data.eval_datasets(cfg.data, batch_size=batch_size, process_index=0, process_count=1)
+    kw = dict(batch_size=batch_size, process_index=0, process_count=1)
+    sets = data.validation_datasets(cfg.data, **kw)
+    if {s.name for s in sets} != {'id_val', 'outlier_val'}:
+        raise SystemExit(f'selection needs id_val and outlier_val, got {[s.name for s in sets]}: '
+                         'set config.data.val_fraction and --outlier_val_fraction above 0.')
+    sets += [data.fine_ood_diagnostic_dataset(cfg.data, **kw)] + data.eval_datasets(cfg.data, **kw)
     arrays = {}
     for s in sets:
         images, labels = [], []
@@ -93,11 +120,11 @@ def load_eval_arrays(cfg, fine_val_size: int, batch_size: int = 1000) -> Dict[st
             labels.append(batch['label'][keep])
         arrays[s.name] = {'image': np.concatenate(images), 'label': np.concatenate(labels),
                           'kind': s.kind}
-    fine_val = arrays['fine_ood_val']
-    if 0 < fine_val_size < len(fine_val['label']):
-        pick = np.sort(np.random.default_rng(0).choice(len(fine_val['label']), fine_val_size,
+    diag = arrays['fine_ood_diag']
+    if 0 < fine_diag_size < len(diag['label']):
+        pick = np.sort(np.random.default_rng(0).choice(len(diag['label']), fine_diag_size,
                                                        replace=False))
-        arrays['fine_ood_val'] = {k: (v[pick] if k != 'kind' else v) for k, v in fine_val.items()}
+        arrays['fine_ood_diag'] = {k: (v[pick] if k != 'kind' else v) for k, v in diag.items()}
     return arrays
 
 
@@ -181,55 +208,76 @@ def score_logits(logits: np.ndarray) -> Dict[str, np.ndarray]:
             'energy': np.asarray(scores_lib.energy(logits), np.float64)}
 
 
-def evaluate_state(state, arrays: Mapping[str, Mapping[str, np.ndarray]], batch_size: int) -> dict:
-    """ID accuracy, fine-grained and coarse AUROC / FPR@95 (OpenOOD: OOD positive), per score,
-    for validation ('val') and test ('test'), plus a few logit statistics used in the analysis."""
+def metric_groups(arrays: Mapping[str, Mapping[str, Any]]) -> Dict[str, tuple]:
+    """group -> (ID set, {OOD kind: sets}). 'val' is the only group that may choose anything;
+    'fine_diag' uses the held-out classes' training images and is reported apart."""
+    return {'val': ('id_val', {'outlier': ['outlier_val']}),
+            'fine_diag': ('id_val', {'fine': ['fine_ood_diag']}),
+            'test': ('id_test', {'fine': ['fine_ood_test'],
+                                 'coarse': [n for n, a in arrays.items() if a['kind'] == 'coarse_ood']})}
+
+
+def evaluate_state(state, arrays: Mapping[str, Mapping[str, np.ndarray]],
+                   batch_size: int) -> tuple[dict, Dict[str, np.ndarray]]:
+    """(metrics, per-image arrays). Metrics: ID accuracy and, per score, AUROC / FPR@95 (OpenOOD:
+    OOD positive) of every group of ``metric_groups``, plus a few logit statistics. Per-image:
+    '<set>/logits', '<set>/<score>' and '<set>/label' of every set."""
     from lmoe_jax.ood import metrics as M
     logits = {name: predict_logits(state, a['image'], batch_size) for name, a in arrays.items()}
     scores = {name: score_logits(z) for name, z in logits.items()}
-    groups = {'val': ('id_val', ['fine_ood_val'], []),
-              'test': ('id_test', ['fine_ood_test'],
-                       [n for n, a in arrays.items() if a['kind'] == 'coarse_ood'])}
     out = {}
-    for split, (id_name, fine, coarse) in groups.items():
+    for group, (id_name, ood) in metric_groups(arrays).items():
         res = {'id_acc': float(np.mean(np.argmax(logits[id_name], -1) == arrays[id_name]['label']))}
         for score in SCORES:
             id_conf = scores[id_name][score]
-            for kind, names in (('fine', fine), ('coarse', coarse)):
+            for kind, names in ood.items():
                 if not names:
                     continue
                 ood_conf = np.concatenate([scores[n][score] for n in names])
                 res[f'{score}/{kind}_auroc'] = M.openood_auroc(id_conf, ood_conf)
                 res[f'{score}/{kind}_fpr95'] = M.openood_fpr_at_95_tpr(id_conf, ood_conf)
-        out[split] = res
+        out[group] = res
     diag = {}
     for name in ('id_test', 'fine_ood_test'):
         z = logits[name]
         top2 = np.sort(z, axis=-1)[:, -2:]
-        diag[name] = {'mean_msp': float(scores[name]['msp'].mean()),
+        # msp is the log-odds of the max softmax probability; the mean is of the probability
+        diag[name] = {'mean_msp': float((1.0 / (1.0 + np.exp(-scores[name]['msp']))).mean()),
                       'mean_energy': float(scores[name]['energy'].mean()),
                       'mean_top1_margin': float(np.mean(top2[:, 1] - top2[:, 0])),
                       'mean_logit_std': float(np.mean(np.std(z, axis=-1)))}
     out['diag'] = diag
-    return out
+    per_image = {}
+    for name in arrays:
+        per_image[f'{name}/label'] = np.asarray(arrays[name]['label'])
+        per_image[f'{name}/logits'] = logits[name].astype(np.float32)
+        per_image.update({f'{name}/{score}': scores[name][score] for score in SCORES})
+    return out, per_image
 
 
 # --------------------------------------------------------------------------------------------------
 # Per-seed caches: the baseline checkpoint and the fine-tune batches
 # --------------------------------------------------------------------------------------------------
 
-def seed_dir(workdir: str, seed: int, protocol: Mapping[str, Any]) -> str:
-    tag = f"b{protocol['baseline_steps']}_f{protocol['finetune_steps']}_bs{protocol['batch_size']}"
-    path = os.path.join(workdir, tag, f'seed{seed}')
-    os.makedirs(path, exist_ok=True)
+def seed_dir(workdir: epath.PathLike, seed: int, protocol: Mapping[str, Any]) -> epath.Path:
+    """The seed's cache folder; its name holds everything the cached baseline depends on."""
+    tag = (f"b{protocol['baseline_steps']}_f{protocol['finetune_steps']}_bs{protocol['batch_size']}"
+           f"_id{'-'.join(map(str, protocol['id_classes']))}_ov{protocol['outlier_val_fraction']:g}")
+    path = epath.Path(workdir) / tag / f'seed{seed}'
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _atomic_save(path: str, write) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        write(f)
-    os.replace(tmp, path)
+def _atomic_save(path: epath.Path, data: bytes) -> None:
+    tmp = path.parent / (path.name + '.tmp')
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def prepare_seed(cfg, model, image_shape, seed: int, protocol: Mapping[str, Any], workdir: str, log_every: int):
@@ -242,15 +290,14 @@ def prepare_seed(cfg, model, image_shape, seed: int, protocol: Mapping[str, Any]
     from flax import serialization
     from lmoe_jax import data, losses
     path = seed_dir(workdir, seed, protocol)
-    ckpt, batch_file = os.path.join(path, 'baseline.msgpack'), os.path.join(path, 'finetune_batches.npz')
+    ckpt, batch_file = path / 'baseline.msgpack', path / 'finetune_batches.npz'
     b_steps, f_steps = protocol['baseline_steps'], protocol['finetune_steps']
     init_rng, base_rng = jax.random.split(jax.random.PRNGKey(seed))
     template = fresh_state(cfg, model, image_shape, b_steps, init_rng)
-    if os.path.exists(ckpt) and os.path.exists(batch_file):
-        with open(ckpt, 'rb') as f:
-            restored = serialization.from_bytes(
-                {'params': template.params, 'batch_stats': template.batch_stats}, f.read())
-        with np.load(batch_file) as z:
+    if ckpt.exists() and batch_file.exists():
+        restored = serialization.from_bytes(
+            {'params': template.params, 'batch_stats': template.batch_stats}, ckpt.read_bytes())
+        with np.load(io.BytesIO(batch_file.read_bytes())) as z:
             batches = {k: z[k] for k in z.files}
         print(f'  seed {seed}: baseline and fine-tune batches loaded from {path}', flush=True)
         return restored, batches, None
@@ -263,8 +310,8 @@ def prepare_seed(cfg, model, image_shape, seed: int, protocol: Mapping[str, Any]
     collected = [next(stream) for _ in range(f_steps)]
     batches = {k: np.stack([b[k] for b in collected]) for k in ('image', 'label', 'ood_image')}
     restored = {'params': jax.device_get(state.params), 'batch_stats': jax.device_get(state.batch_stats)}
-    _atomic_save(ckpt, lambda f: f.write(serialization.to_bytes(restored)))
-    _atomic_save(batch_file, lambda f: np.savez(f, **batches))
+    _atomic_save(ckpt, serialization.to_bytes(restored))
+    _atomic_save(batch_file, _npz_bytes(batches))
     print(f'  seed {seed}: baseline trained in {seconds:.0f}s (with data {time.perf_counter() - t0:.0f}s)',
           flush=True)
     return restored, batches, state
@@ -279,31 +326,43 @@ def normalized(protocol: Mapping[str, Any]) -> Dict[str, Any]:
     return {'finetune_lr': protocol['learning_rate'], **protocol}
 
 
-def read_results(path: str) -> List[dict]:
-    if not os.path.exists(path):
+def read_results(path: epath.PathLike) -> List[dict]:
+    path = epath.Path(path)
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def append_result(path: str, record: Mapping[str, Any]) -> None:
-    with open(path, 'a') as f:
-        f.write(json.dumps(record, sort_keys=True) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
+def append_result(path: epath.PathLike, record: Mapping[str, Any]) -> None:
+    """Add one line by rewriting the (small) file atomically: works on gs:// too."""
+    path = epath.Path(path)
+    text = path.read_text() if path.exists() else ''
+    _atomic_save(path, (text + json.dumps(record, sort_keys=True) + '\n').encode())
+
+
+def scores_name(seed: int, variant: str) -> str:
+    """File of a run's per-image arrays, beside results.jsonl (variant names hold ':' and '+')."""
+    return f"scores_seed{seed}_{re.sub(r'[^A-Za-z0-9._-]', '_', variant)}.npz"
 
 
 def run(args) -> None:
     import jax
     from lmoe_jax import losses
     # Persistent compilation cache: resumed / split invocations do not recompile every variant.
-    jax.config.update('jax_compilation_cache_dir', os.path.join(args.workdir, 'jax_cache'))
+    from lmoe_jax import data
+    jax.config.update('jax_compilation_cache_dir', str(epath.Path(args.workdir) / 'jax_cache'))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-    cfg = demo_config(args.data_dir)
+    cfg = demo_config(args.data_dir, id_classes=parse_classes(args.id_classes or ''),
+                      split=args.split, outlier_val_fraction=args.outlier_val_fraction)
+    split = data.class_split(cfg.data.num_classes, cfg.data.num_id_classes, cfg.data.split,
+                             cfg.data.id_classes)
     protocol = {'baseline_steps': args.baseline_steps, 'finetune_steps': args.finetune_steps,
                 'batch_size': int(cfg.batch_size), 'learning_rate': float(cfg.learning_rate),
-                'model': f'{cfg.model.name}-w{cfg.model.width}', 'fine_val_size': args.fine_val_size,
-                'finetune_lr': float(args.finetune_lr or cfg.learning_rate)}
+                'model': f'{cfg.model.name}-w{cfg.model.width}',
+                'finetune_lr': float(args.finetune_lr or cfg.learning_rate),
+                'id_classes': list(split.id_classes),
+                'outlier_val_fraction': float(cfg.data.outlier_val_fraction),
+                'fine_diag_size': args.fine_diag_size, 'selection': 'id_val+outlier_val'}
     ft_cfg = cfg.copy_and_resolve_references()
     ft_cfg.learning_rate = protocol['finetune_lr']
     cfg.batch_size = protocol['batch_size']
@@ -312,19 +371,19 @@ def run(args) -> None:
     if unknown:
         raise SystemExit(f'unknown variant(s) {unknown}; choose from {list(VARIANTS)}')
     seeds = [int(s) for s in args.seeds.split(',')]
-    done = {(r['seed'], r['variant']) for r in read_results(args.results)
+    results = epath.Path(args.out) / 'results.jsonl'
+    done = {(r['seed'], r['variant']) for r in read_results(results)
             if normalized(r['protocol']) == protocol}
     todo = [(s, n) for n in ['stage1'] + names for s in seeds if (s, n) not in done]
-    print(f'protocol {protocol}\n{len(todo)} runs to do, {len(done)} already in {args.results}',
+    print(f'protocol {protocol}\n{len(todo)} runs to do, {len(done)} already in {results}',
           flush=True)
     if not todo:
         return
-    from lmoe_jax import data
     info = data.dataset_info(cfg.data, process_count=1)
     image_shape = tuple(info.image_shape)
     model = build_model(cfg, info.num_id_classes)
     t0 = time.perf_counter()
-    arrays = load_eval_arrays(cfg, args.fine_val_size)
+    arrays = load_eval_arrays(cfg, args.fine_diag_size)
     print('eval sets: ' + ', '.join(f"{k} {len(v['label'])}" for k, v in arrays.items())
           + f' ({time.perf_counter() - t0:.0f}s)', flush=True)
     # Order: variant-major, so an interrupted run still has every seed of the earlier variants.
@@ -350,12 +409,14 @@ def run(args) -> None:
             state, tail, seconds = run_steps(state, stream, ft_rng, method, f'seed {seed} {name}',
                                              args.finetune_steps, args.log_every)
             record.update(preset=preset, overrides=overrides, train_seconds=seconds, train_metrics=tail)
-        record.update(evaluate_state(state, arrays, args.eval_batch_size))
+        metrics, per_image = evaluate_state(state, arrays, args.eval_batch_size)
+        record.update(metrics, scores_file=scores_name(seed, name))
+        _atomic_save(results.parent / record['scores_file'], _npz_bytes(per_image))
         record['seconds'] = time.perf_counter() - t_run
-        append_result(args.results, record)
+        append_result(results, record)  # after its scores file: a listed run has its scores
         elapsed = time.perf_counter() - start_all
         print(f"[{i + 1}/{len(todo)}] seed {seed} {name}: "
-              f"val fine AUROC {100 * record['val']['msp/fine_auroc']:.2f}, "
+              f"val outlier AUROC {100 * record['val']['msp/outlier_auroc']:.2f}, "
               f"test fine AUROC {100 * record['test']['msp/fine_auroc']:.2f}, "
               f"test acc {100 * record['test']['id_acc']:.2f} "
               f"({record['seconds']:.0f}s; {elapsed / 60:.1f} min so far, "
@@ -400,15 +461,15 @@ def _diff_cell(stats: Mapping[str, float]) -> str:
 
 
 def metric_table(records, names, split, columns, reference, title) -> str:
-    """Mean ± std over seeds of each column, plus paired differences to ``reference``."""
+    """Mean ± std over seeds of each column, plus paired differences to ``reference`` of the
+    second and third columns (an AUROC and its FPR@95)."""
+    (auroc_key, auroc_name), (fpr_key, fpr_name) = columns[1], columns[2]
     lines = [f'**{title}**', '',
              '| variant | seeds | ' + ' | '.join(c[1] for c in columns)
-             + f' | Δ fine AUROC vs {reference} (wins) | Δ fine FPR95 vs {reference} (wins) |',
+             + f' | Δ {auroc_name} vs {reference} (wins) | Δ {fpr_name} vs {reference} (wins) |',
              '|' + ' --- |' * (len(columns) + 4)]
     data = {key: _by_variant(records, split, key) for key, _ in columns}
-    score = columns[1][0].split('/')[0]
-    auroc, fpr = (_by_variant(records, split, f'{score}/fine_auroc'),
-                  _by_variant(records, split, f'{score}/fine_fpr95'))
+    auroc, fpr = _by_variant(records, split, auroc_key), _by_variant(records, split, fpr_key)
     for name in names:
         n = len(data[columns[0][0]].get(name, {}))
         if not n:
@@ -449,13 +510,18 @@ def summarize_protocol(records: Sequence[dict], protocol: Mapping[str, Any]) -> 
                 (f'{score}/coarse_fpr95', 'coarse FPR95')]
         out += [metric_table(records, main, 'test', cols, REFERENCE,
                              f'Main comparison, TEST sets, {score.upper()} score'), '']
-    val_cols = [('id_acc', 'ID val acc'), ('msp/fine_auroc', 'fine val AUROC'),
-                ('msp/fine_fpr95', 'fine val FPR95')]
+    val_cols = [('id_acc', 'ID val acc'), ('msp/outlier_auroc', 'outlier val AUROC'),
+                ('msp/outlier_fpr95', 'outlier val FPR95')]
     out += [metric_table(records, main, 'val', val_cols, REFERENCE,
-                         'Main comparison, VALIDATION sets, MSP score'), '']
+                         'Main comparison, VALIDATION sets (ID val + held-out outliers), MSP score'), '']
     for ref in (LMOE_REFERENCE, REFERENCE):
         out += [metric_table(records, ablation, 'val', val_cols, ref,
                              f'LMoE ablation, VALIDATION sets (selection), MSP, Δ vs {ref}'), '']
+    diag_cols = [('id_acc', 'ID val acc'), ('msp/fine_auroc', 'fine diag AUROC'),
+                 ('msp/fine_fpr95', 'fine diag FPR95')]
+    out += [metric_table(records, main + list(ABLATION), 'fine_diag', diag_cols, REFERENCE,
+                         'DIAGNOSTIC, NOT FOR SELECTION: ID val vs training images of the held-out '
+                         '(test OOD) classes, MSP'), '']
     test_cols = [('id_acc', 'ID acc'), ('msp/fine_auroc', 'fine AUROC'),
                  ('msp/fine_fpr95', 'fine FPR95'), ('msp/coarse_auroc', 'coarse AUROC'),
                  ('msp/coarse_fpr95', 'coarse FPR95')]
@@ -513,33 +579,42 @@ def main(argv=None) -> None:
     parser.add_argument('--variants', default='', help='comma list (default: all); see VARIANTS')
     parser.add_argument('--baseline_steps', type=int, default=500)
     parser.add_argument('--finetune_steps', type=int, default=80)
-    parser.add_argument('--fine_val_size', type=int, default=2000)
+    parser.add_argument('--out', default=None,
+                        help='output folder (local or gs://): results.jsonl, scores_*.npz, tables.md')
+    parser.add_argument('--id_classes', default=None,
+                        help='ID classes of Fashion-MNIST, e.g. 0,1,2,3,8,9 (the default split)')
+    parser.add_argument('--split', type=int, default=None,
+                        help='instead of --id_classes: MixOE class split N (6 of 10 classes)')
+    parser.add_argument('--outlier_val_fraction', type=float, default=0.1,
+                        help='share of the Animal-MNIST outliers held out for selection')
+    parser.add_argument('--fine_diag_size', type=int, default=2000,
+                        help='images of the held-out-class diagnostic (never used to select)')
     parser.add_argument('--finetune_lr', type=float, default=None,
                         help='peak lr of the fine-tune (default: the config learning_rate, 0.05)')
     parser.add_argument('--eval_batch_size', type=int, default=1000)
     parser.add_argument('--log_every', type=int, default=40)
-    parser.add_argument('--data_dir', default=os.path.join(ROOT, 'runs', 'tfds'))
-    parser.add_argument('--workdir', default=os.path.join(ROOT, 'runs', 'compare'))
-    parser.add_argument('--results', default=os.path.join(RESULTS_DIR, 'compare_results.jsonl'))
-    parser.add_argument('--tables', default=os.path.join(RESULTS_DIR, 'compare_tables.md'))
+    parser.add_argument('--data_dir', default=str(ROOT / 'runs' / 'tfds'))
+    parser.add_argument('--workdir', default=str(ROOT / 'runs' / 'compare'),
+                        help='caches: baselines, fine-tune batches, compiled steps')
     parser.add_argument('--summarize', action='store_true', help='only write the tables')
     parser.add_argument('--smoke', action='store_true',
-                        help='1 seed, a few steps, results under runs/compare_smoke')
+                        help=f'1 seed, a few steps, variants {SMOKE_VARIANTS}, into runs/compare_smoke')
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.baseline_steps, args.finetune_steps = '0', 20, 10
-        args.fine_val_size, args.log_every = 500, 5
-        args.workdir = os.path.join(ROOT, 'runs', 'compare_smoke')
-        args.results = os.path.join(args.workdir, 'results.jsonl')
-        args.tables = os.path.join(args.workdir, 'tables.md')
-        if os.path.exists(args.results):  # a smoke run always trains and evaluates again
-            os.remove(args.results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+        args.fine_diag_size, args.log_every = 500, 5
+        args.variants = args.variants or SMOKE_VARIANTS
+        args.workdir = str(ROOT / 'runs' / 'compare_smoke')
+        args.out = args.out or args.workdir
+        (epath.Path(args.out) / 'results.jsonl').unlink(missing_ok=True)  # always run again
+    if not args.out:
+        parser.error('--out is required: the folder for results.jsonl, scores_*.npz and tables.md')
+    out = epath.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if not args.summarize:
         run(args)
-    text = summarize(read_results(args.results))
-    with open(args.tables, 'w') as f:
-        f.write(text + '\n')
+    text = summarize(read_results(out / 'results.jsonl'))
+    (out / 'tables.md').write_text(text + '\n')
     print(text)
 
 

@@ -1,6 +1,7 @@
 """Interleaved A/B of ResNet-50 forward+backward under the convolution variants of xla_variants.py.
 
-One process compiles ``value_and_grad`` of the model (BatchNorm in train mode) once per variant,
+One process compiles ``value_and_grad`` of the model (BatchNorm in train mode) once per variant
+(``default``: lax's convolutions, i.e. ``model.matmul_convs=False``),
 then runs the variants in turn, so a load change on a shared host hits them all alike; it prints
 the median wall and process-CPU time per step. ``--check`` first verifies the rewritten
 convolutions against direct float64 numpy loops (and the 1x1 dot against the product), so a
@@ -81,8 +82,8 @@ def main():
         check()
 
     import jax
-    import ml_collections
 
+    import common
     import xla_variants
     from lmoe_jax.models import create_model, resnet
 
@@ -93,7 +94,8 @@ def main():
         resnet._layers = original
         if name != 'default':
             xla_variants.apply(name)
-        model = create_model(ml_collections.ConfigDict(dict(name='resnet50')), 100)
+        # matmul_convs=False: 'default' is lax's convolutions, whatever the backend.
+        model = create_model(dict(name='resnet50', matmul_convs=False), 100)
         variables = jax.jit(lambda r, m=model: m.init(r, x[:1], train=False))(jax.random.key(0))
 
         def loss(params, x, m=model, v=variables):
@@ -114,7 +116,7 @@ def main():
             jax.block_until_ready(fn(params, x))
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
-    print(f'load average {os.getloadavg()}')
+    print(f'load average {common.load_average()}')
     for name in compiled:
         w, c = wall[name][1:], cpu[name][1:]
         print(f'{name:16s} wall median {np.median(w):.3f} s (min {min(w):.3f}) | '

@@ -1,10 +1,11 @@
-"""Images per second of the OOD evaluation pass (the jitted per-batch scoring of lmoe_jax.evaluate).
+"""Images per second of the OOD evaluation pass: the path evaluate() runs for every batch.
 
-Synthetic images, so only the model and the scores are timed (no input pipeline). Each
-configuration is timed twice: with every score (one forward pass giving logits and features,
-plus ODIN's input gradient and second forward pass) and with MSP only (one forward pass), so
-the price of ODIN is visible. Statistics of the fitted scores are fitted first on a few
-synthetic batches (not timed). Every timed batch is copied back to the host, as evaluate() does.
+Synthetic images, so only the model and the scores are timed (no input pipeline). Each timed
+batch goes through ``make_forward``/``model_outputs`` (one forward pass giving logits and
+features, plus ODIN's input gradient and second forward pass) and ``score_outputs`` (every other
+score), copied back to the host, as evaluate() does. Each configuration is timed twice: with
+every score and with MSP only (one forward pass), so the price of ODIN is visible. Statistics of
+the fitted scores are fitted first on a few synthetic batches (not timed).
 
     .venv/bin/python benchmarks/evaluate.py --model=small_cnn --image_size=28 --batch_size=256
     .venv/bin/python benchmarks/evaluate.py --model=resnet18 --image_size=64 --batch_size=64
@@ -16,6 +17,7 @@ import os
 import sys
 import time
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -32,13 +34,13 @@ def build(name: str, image_size: int, channels: int, num_classes: int, dtype: st
     return model, variables
 
 
-def time_pass(score_fn, variables, stats, images, num_batches: int, warmup: int) -> float:
+def time_pass(one_batch, num_batches: int, warmup: int, batch_size: int) -> float:
     for _ in range(warmup):  # compilation and first-run costs
-        jax.device_get(score_fn(variables, stats, images))
+        one_batch()
     start = time.perf_counter()
     for _ in range(num_batches):
-        jax.device_get(score_fn(variables, stats, images))
-    return num_batches * len(images) / (time.perf_counter() - start)
+        one_batch()
+    return num_batches * batch_size / (time.perf_counter() - start)
 
 
 def main():
@@ -59,27 +61,32 @@ def main():
     rng = np.random.default_rng(0)
     images = rng.normal(size=(args.batch_size, args.image_size, args.image_size, channels)).astype(np.float32)
     labels = rng.integers(0, args.num_classes, args.batch_size).astype(np.int32)
-    fit = lambda: iter([{'image': images, 'label': labels, 'mask': np.ones(len(images), bool)}] * 2)  # noqa: E731
-    config = ev.ScoreConfig()
+    batch = {'image': images, 'label': labels, 'mask': np.ones(len(images), bool)}
+    source = lambda: iter([batch])  # noqa: E731
+    fit = lambda: iter([batch] * 2)  # noqa: E731
+    config = ev.ScoreConfig(odin_input_std='none')
 
     results = {'device': str(jax.devices()[0].device_kind), 'backend': jax.default_backend(),
                'model': args.model, 'image_size': args.image_size, 'batch_size': args.batch_size,
                'dtype': args.dtype, 'num_batches': args.num_batches}
     for label, scores in (('all_scores', ev.DEFAULT_SCORES), ('msp_only', ('msp',))):
+        features = any(s in ev.scores_lib.FEATURE_SCORES for s in scores)
         stats = {}
         if any(s in ev.scores_lib.FITTED_SCORES for s in scores):
-            stream = ev._model_fit_stream(model.apply, variables, fit, True, None, 'fit', 60.0, None)
+            fit_forward = ev.make_forward(model.apply, features=True)
+            stream = lambda: ev.model_outputs(fit_forward, variables, fit, what='fit')  # noqa: E731
             fc = variables['params']['fc']
-            stats = ev._fit(scores, {'fc_params': (fc['kernel'], fc['bias']), 'vim_dim': None,
-                                     'react_percentile': 90.0, 'react_sample_size': 4_000_000},
-                            stream, None, 0)
-            stats = jax.tree_util.tree_map(jax.numpy.asarray, stats)
-        score_fn = ev.make_model_score_fn(model.apply, scores, config)
+            stats = ev.fit_statistics(scores, config, (fc['kernel'], fc['bias']), stream, None)
+        forward = ev.make_forward(model.apply, features=features, odin=config if 'odin' in scores else None)
+
+        def one_batch():
+            for outputs in ev.model_outputs(forward, variables, source, log_every_s=600.0):
+                ev.score_outputs(outputs, stats, scores, config)
         results[f'{label}_images_per_s'] = round(
-            time_pass(score_fn, variables, stats, images, args.num_batches, args.warmup), 1)
+            time_pass(one_batch, args.num_batches, args.warmup, len(images)), 1)
     print(json.dumps(results))
     if args.json:
-        with open(args.json, 'a') as f:
+        with epath.Path(args.json).open('a') as f:
             f.write(json.dumps(results) + '\n')
 
 

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
 from lmoe_jax import data  # noqa: E402
 
 
@@ -91,7 +92,7 @@ def main(argv=None) -> None:
     parser.add_argument('--steps', type=int, default=20, help='measured steps at 448 px')
     parser.add_argument('--steps_28', type=int, default=200, help='measured steps at 28 px')
     args = parser.parse_args(argv)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    cores = common.machine()['cpus_available']
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or os.path.join(tmp, 'tfds')
         manual_dir = os.path.join(tmp, 'manual')

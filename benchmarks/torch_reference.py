@@ -1,32 +1,26 @@
-"""The OE-family step written the PyTorch way, as the comparison point of train_step.py.
+"""The OE-family step written in PyTorch: the comparison point of train_step.py and gpu.py.
 
-MixOE-style loop on a torchvision ResNet: one forward per image set (ID, outliers, mixed), the
+A torchvision ResNet (or a twin of lmoe_jax's ``small_cnn``) trained the usual PyTorch way: the
 loss assembled from the logits, ``loss.backward()``, ``optimizer.step()``, scheduler step. The
-objective and the lam draw follow DESIGN.md (the same weights as ``lmoe_jax.losses.PRESETS``),
-so the work per step matches the JAX step; BatchNorm differs on purpose (separate forwards
-normalise each set with its own statistics, the JAX step normalises the concatenation), as it
-does between the two code bases. The PyTorch side is only used for timing, never for numbers
-that tests compare against.
+objective's weights and the lam draw come from ``lmoe_jax.losses.get_method`` (the same presets
+as the JAX step), so the work per step matches. Two forward layouts:
+
+* ``forward='separate'`` (train_step.py): one forward per image set (ID, outliers, mixed), as in
+  the MixOE code base; BatchNorm normalises each set with its own statistics;
+* ``forward='concat'`` (gpu.py): one forward over the concatenation, as ``lmoe_jax.train``
+  does, so both frameworks run the same layers on the same 1-3 x B images.
+
+``compile=True`` wraps the model in ``torch.compile`` (the loss and the optimiser stay eager).
+Used for timing only, never for numbers that tests compare against.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
 
-# Weights of the presets timed here (DESIGN.md / lmoe_jax.losses.PRESETS).
-PRESETS = {
-    'baseline': dict(),
-    'oe': dict(oe=1.0),
-    'mixoe_mixup': dict(input_mix=5.0, mix='mixup', alpha=1.0),
-    'mixoe_cutmix': dict(input_mix=5.0, mix='cutmix', alpha=2.0),
-    'lmoe': dict(logit_mix=5.0, consistency=1.0, mix='mixup', alpha=1.0),
-}
-
-
-def soft_cross_entropy(logits, target):
-    import torch
-    return -(target * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+import common
 
 
 def cutmix(x, x_ood, lam: float, rng: np.random.Generator):
@@ -42,37 +36,73 @@ def cutmix(x, x_ood, lam: float, rng: np.random.Generator):
     return mixed, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
 
 
-def make_step(model, optimizer, scheduler, method: str, num_classes: int, autocast):
-    """A closure doing one training step of ``method``; lam drawn on the host as MixOE does."""
+def objective(weights, logits_id, logits_ood, logits_mix, labels, lam: float, num_classes: int):
+    """``lmoe_jax.losses.oe_family_loss`` in PyTorch (float32 logits in, scalar loss out)."""
     import torch
     import torch.nn.functional as F
 
-    w = PRESETS[method]
+    def soft_ce(logits, target):
+        return -(target * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+    loss = float(weights.id) * F.cross_entropy(logits_id, labels)
+    target = lam * F.one_hot(labels, num_classes).float() + (1.0 - lam) / num_classes
+    logits_lmix = None
+    if logits_ood is not None:
+        if float(weights.oe):
+            loss = loss + float(weights.oe) * soft_ce(
+                logits_ood, torch.full_like(logits_ood, 1.0 / num_classes))
+        if float(weights.energy):
+            e_id, e_ood = -torch.logsumexp(logits_id, -1), -torch.logsumexp(logits_ood, -1)
+            loss = loss + float(weights.energy) * (
+                F.relu(e_id - float(weights.m_in)).square().mean()
+                + F.relu(float(weights.m_out) - e_ood).square().mean())
+        logits_lmix = lam * logits_id + (1.0 - lam) * logits_ood
+        if float(weights.logit_mix):
+            loss = loss + float(weights.logit_mix) * soft_ce(logits_lmix, target)
+    if logits_mix is not None and float(weights.input_mix):
+        loss = loss + float(weights.input_mix) * soft_ce(logits_mix, target)
+    if logits_mix is not None and logits_lmix is not None and float(weights.consistency):
+        if weights.consistency_kind != 'mse' or weights.stop_gradient != 'none':
+            raise NotImplementedError('the PyTorch reference has the mse consistency only')
+        loss = loss + float(weights.consistency) * F.mse_loss(logits_mix, logits_lmix)
+    return loss
+
+
+def make_step(model, optimizer, scheduler, method_name: str, num_classes: int, autocast,
+              forward: str = 'separate'):
+    """A closure doing one training step of ``method_name``; lam drawn on the host (MixOE)."""
+    import torch
+
+    from lmoe_jax import losses
+
+    method = losses.get_method(method_name)
+    if method.lam_per_example:
+        raise NotImplementedError('the PyTorch reference draws one lam per batch')
+    if forward not in ('separate', 'concat'):
+        raise ValueError(f"forward must be 'separate' or 'concat', got {forward!r}")
     rng = np.random.default_rng(0)
-    uniform = 1.0 / num_classes
 
     def step(x, y, x_ood):
+        lam, x_mix = 1.0, None
+        if method.needs_lam:
+            lam = float(rng.beta(method.alpha, method.alpha))
+        if method.needs_mix:
+            if method.mix == 'cutmix':
+                x_mix, lam = cutmix(x, x_ood, lam, rng)
+            else:
+                x_mix = lam * x + (1.0 - lam) * x_ood
+        parts = [x] + ([x_ood] if method.needs_ood else []) + ([x_mix] if method.needs_mix else [])
         with autocast():
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            if w.get('oe'):
-                loss = loss + w['oe'] * soft_cross_entropy(model(x_ood), torch.full_like(
-                    logits, uniform, dtype=torch.float32))
-            if w.get('input_mix') or w.get('logit_mix'):
-                lam = float(rng.beta(w['alpha'], w['alpha']))
-                if w['mix'] == 'cutmix':
-                    x_mix, lam = cutmix(x, x_ood, lam, rng)
-                else:
-                    x_mix = lam * x + (1.0 - lam) * x_ood
-                target = lam * F.one_hot(y, num_classes).float() + (1.0 - lam) * uniform
-                logits_mix = model(x_mix).float()
-                if w.get('input_mix'):
-                    loss = loss + w['input_mix'] * soft_cross_entropy(logits_mix, target)
-                if w.get('logit_mix'):
-                    logits_ood = model(x_ood).float()
-                    logits_lmix = lam * logits.float() + (1.0 - lam) * logits_ood
-                    loss = loss + w['logit_mix'] * soft_cross_entropy(logits_lmix, target)
-                    loss = loss + w['consistency'] * F.mse_loss(logits_mix, logits_lmix)
+            if forward == 'concat':
+                logits = model(torch.cat(parts) if len(parts) > 1 else x).float()
+                chunks = list(logits.chunk(len(parts)))
+            else:
+                chunks = [model(p).float() for p in parts]
+            logits_id = chunks.pop(0)
+            logits_ood = chunks.pop(0) if method.needs_ood else None
+            logits_mix = chunks.pop(0) if method.needs_mix else None
+            loss = objective(method.weights, logits_id, logits_ood, logits_mix, y, lam,
+                             num_classes)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -82,39 +112,73 @@ def make_step(model, optimizer, scheduler, method: str, num_classes: int, autoca
     return step
 
 
-def run(spec: dict) -> dict:
-    """Time one (case, method) in this process; the same report fields as the JAX worker."""
-    import contextlib
+def small_cnn(num_classes: int, channels: int, width: int = 16):
+    """lmoe_jax's ``small_cnn`` from torchvision's blocks: 3x3 stem, three BasicBlock stages."""
+    from torch import nn
+    from torchvision.models.resnet import BasicBlock, conv1x1
 
+    layers = [nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+              nn.ReLU(inplace=True)]
+    cin = width
+    for i in range(3):
+        features, stride = width * 2 ** i, 1 if i == 0 else 2
+        down = None if stride == 1 and cin == features else nn.Sequential(
+            conv1x1(cin, features, stride), nn.BatchNorm2d(features))
+        layers.append(BasicBlock(cin, features, stride, down))
+        cin = features
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def build_model(name: str, num_classes: int, channels: int, width: int | None = None):
+    """torchvision's ResNet of that name (width 64 only), or the ``small_cnn`` twin."""
     import torch
     import torchvision
 
-    from train_step import PASSES, reset_rss_peak, rss_mib, rss_peak_mib, summarize
+    if name == 'small_cnn':
+        return small_cnn(num_classes, channels, width or 16)
+    if name not in ('resnet18', 'resnet34', 'resnet50'):
+        raise ValueError(f'no PyTorch reference for model {name!r}')
+    if width not in (None, 64):
+        raise ValueError(f'torchvision {name} has width 64 only, got {width}')
+    model = getattr(torchvision.models, name)(num_classes=num_classes)
+    if channels != 3:
+        model.conv1 = torch.nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+    return model
 
-    if spec['model'] not in ('resnet18', 'resnet34', 'resnet50'):
-        raise ValueError(f"no PyTorch reference for model {spec['model']!r}; use a resnet")
+
+def run(spec: dict) -> dict:
+    """Time one (case, method) in this process; the same report fields as the JAX worker."""
+    import torch
+
     device = spec.get('device', 'auto')
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    torch.set_num_threads(spec['threads'])
+    if spec.get('threads'):
+        torch.set_num_threads(spec['threads'])
     if device == 'cuda':
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     torch.manual_seed(0)
     n, b, c, k = spec['image_size'], spec['batch_size'], spec['channels'], spec['num_classes']
-    model = getattr(torchvision.models, spec['model'])(num_classes=k).to(device)
-    if c != 3:
-        model.conv1 = torch.nn.Conv2d(c, 64, 7, 2, 3, bias=False).to(device)
-    memory_format = (torch.channels_last if spec.get('variant') == 'channels_last'
-                     else torch.contiguous_format)
+    channels_last = spec.get('memory_format', 'contiguous') == 'channels_last' or \
+        spec.get('variant') == 'channels_last'
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(spec['model'], k, c, spec.get('width')).to(device)
     model = model.to(memory_format=memory_format).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True,
-                                weight_decay=1e-5)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 10_000, eta_min=1e-6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=common.OPTIMIZER.learning_rate,
+                                momentum=common.OPTIMIZER.momentum,
+                                nesterov=common.OPTIMIZER.nesterov,
+                                weight_decay=common.OPTIMIZER.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, 10_000, eta_min=common.OPTIMIZER.end_learning_rate)
+    if spec.get('compile'):
+        model = torch.compile(model)
     if spec['dtype'] == 'bfloat16':
         autocast = lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)  # noqa: E731
     else:
         autocast = contextlib.nullcontext
-    step = make_step(model, optimizer, scheduler, spec['method'], k, autocast)
+    step = make_step(model, optimizer, scheduler, spec['method'], k, autocast,
+                     spec.get('forward', 'separate'))
 
     gen = np.random.default_rng(0)
     to = lambda a: torch.from_numpy(a).to(device).contiguous(memory_format=memory_format)  # noqa
@@ -128,28 +192,30 @@ def run(spec: dict) -> dict:
     sync()
     if device == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    reset_rss_peak()
-    rss_before = rss_mib()
-    for _ in range(max(1, spec['warmup'])):  # >= 1: the first run allocates
+    common.reset_rss_peak()
+    rss_before = common.rss_mib()
+    first_steps = []
+    for _ in range(max(1, spec['warmup'])):  # >= 1: the first run allocates (and compiles)
+        t0 = time.perf_counter()
         loss = step(x, y, x_ood)
-    sync()
+        sync()
+        first_steps.append(time.perf_counter() - t0)
     if not np.isfinite(float(loss)):
         raise RuntimeError(f'non-finite loss in {spec}')
-    times, cpu_times = [], []
-    for _ in range(spec['steps']):
-        t0, c0 = time.perf_counter(), time.process_time()
-        step(x, y, x_ood)
-        sync()
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-    out = summarize(times, b, PASSES[spec['method']], cpu_times)
+    times, cpu_times = common.time_steps(lambda: step(x, y, x_ood), spec['steps'],
+                                         lambda _: sync())
+    out = common.summarize(times, b, common.forward_passes(spec['method']), cpu_times)
     out.update(device=torch.cuda.get_device_name() if device == 'cuda' else 'cpu',
-               torch=torch.__version__, torch_threads=torch.get_num_threads())
+               torch=torch.__version__, torch_threads=torch.get_num_threads(),
+               first_step_s=first_steps[0])
+    if spec.get('compile'):  # the first step traces and compiles the forward and the backward
+        out['compile_s'] = max(first_steps[0] - out['step_s_median'], 0.0)
     if device == 'cuda':
         out['peak_mib'] = torch.cuda.max_memory_allocated() / 2**20
         out['peak_kind'] = 'torch.cuda.max_memory_allocated over the steps'
+        out['memory_limit_mib'] = torch.cuda.get_device_properties(0).total_memory / 2**20
     else:
-        peak = rss_peak_mib()
+        peak = common.rss_peak_mib()
         if peak is not None and rss_before is not None:
             out['peak_mib'] = peak - rss_before
             out['peak_kind'] = 'host RSS high-water delta over the steps'

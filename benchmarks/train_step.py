@@ -4,8 +4,12 @@ Times ``lmoe_jax.parallel.jit_train_step`` (the production path: jit over a mesh
 on synthetic data already on the device, for each method preset, and the same MixOE / LMoE
 step written the PyTorch way (``torch_reference.py``: torchvision ResNet, separate forwards,
 ``loss.backward()``, ``optimizer.step()``) on the same machine and batch shape, so the ratios
-come from one run. Every (framework, case, method) runs in its own fresh process, so compile
-caches, allocators and memory high-water marks never leak from one run into the next.
+come from one run. Every (framework, case, method) runs in its own fresh process (the JAX worker
+is ``jax_step.py``), so compile caches, allocators and memory high-water marks never leak from
+one run into the next. JAX variants: ``default`` is the model as shipped (``model.matmul_convs=
+'auto'``); on CPU ``plain`` forces lax convolutions, on accelerators ``fix`` forces the matrix
+products (``xla_variants.py``). For the bf16 ResNet-50 GPU comparison with torch.compile and a
+largest-batch search, see ``gpu.py``.
 
 What is reported per run (median over the timed steps; warm-up and compilation excluded; every
 step is waited for with ``block_until_ready`` / ``cuda.synchronize``):
@@ -34,21 +38,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
-import statistics
-import subprocess
 import sys
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+import common
+
 METHODS = ('baseline', 'oe', 'mixoe_mixup', 'mixoe_cutmix', 'lmoe')
 TORCH_METHODS = ('baseline', 'mixoe_mixup', 'lmoe')
-# Forward passes per step (images forwarded = passes * B); must match the train step's choice.
-PASSES = {'baseline': 1, 'oe': 2, 'energy_oe': 2, 'mixoe_mixup': 2, 'mixoe_cutmix': 2, 'lmoe': 3}
 
-# The model-side fix measured beside the shipped model (see xla_variants.py and docs/benchmarks.md).
-CPU_VARIANTS = 'default=;fix=patch:smallmap_dot1x1'
+# The shipped model (model.matmul_convs='auto': the matrix-product convolutions on CPU, plain
+# convolutions elsewhere) beside the other convolution choice (see xla_variants.py).
+CPU_VARIANTS = 'plain=patch:plain;default='
+ACCELERATOR_VARIANTS = 'default=;fix=patch:smallmap_dot1x1'
 # name -> list of cases; a case fixes the model, image size, batch and step counts (and may name
 # its own JAX variants; --variants overrides them).
 SUITES = {
@@ -62,170 +63,24 @@ SUITES = {
              steps=3, warmup=1, torch=True, variants=CPU_VARIANTS),
     ],
     # One accelerator, bf16 compute, MixOE's batch (32 ID + 32 outliers) at 224 px; the CPU fix
-    # runs beside the shipped model to show whether it is neutral there.
+    # runs beside the shipped model to show whether it is neutral there. See also gpu.py.
     'gpu': [
         dict(model='small_cnn', image_size=28, channels=1, num_classes=10, batch_size=256,
              steps=50, warmup=5, torch=False, dtype='bfloat16'),
         dict(model='resnet50', image_size=64, channels=3, num_classes=100, batch_size=64,
-             steps=30, warmup=5, torch=True, dtype='bfloat16', variants=CPU_VARIANTS),
+             steps=30, warmup=5, torch=True, dtype='bfloat16', variants=ACCELERATOR_VARIANTS),
         dict(model='resnet50', image_size=224, channels=3, num_classes=100, batch_size=32,
-             steps=30, warmup=5, torch=True, dtype='bfloat16', variants=CPU_VARIANTS),
+             steps=30, warmup=5, torch=True, dtype='bfloat16', variants=ACCELERATOR_VARIANTS),
     ],
 }
 
 
-# --------------------------------------------------------------------------------------------------
-# Memory helpers (Linux /proc; shared by both workers)
-# --------------------------------------------------------------------------------------------------
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open('/proc/self/status') as f:
-            match = re.search(rf'^{field}:\s+(\d+) kB', f.read(), re.M)
-        return int(match.group(1)) if match else None
-    except OSError:
-        return None
-
-
-def reset_rss_peak() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) of this process; False where unsupported."""
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        return True
-    except OSError:
-        return False
-
-
-def rss_mib() -> float | None:
-    kib = _proc_status_kib('VmRSS')
-    return None if kib is None else kib / 1024
-
-
-def rss_peak_mib() -> float | None:
-    kib = _proc_status_kib('VmHWM')
-    return None if kib is None else kib / 1024
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def summarize(times: list[float], batch_size: int, passes: int, cpu_times: list[float]) -> dict:
-    """Step statistics; ``cpu_s_median`` (process CPU time per step) is steadier on a loaded host."""
-    median = statistics.median(times)
-    return {
-        'cpu_s_median': statistics.median(cpu_times), 'cpu_s_all': cpu_times,
-        'step_s_median': median, 'step_s_min': min(times), 'step_s_max': max(times),
-        'step_s_all': times, 'id_img_s': batch_size / median,
-        'fwd_img_s': batch_size * passes / median, 'passes': passes,
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# JAX worker (runs in its own process)
-# --------------------------------------------------------------------------------------------------
-
-def run_jax(spec: dict) -> dict:
-    """Time the production step: parallel.jit_train_step over a mesh, state donated."""
-    import jax
-    import ml_collections
-    import numpy as np
-
-    sys.path.insert(0, ROOT)
-    from lmoe_jax import losses, parallel, train
-    from lmoe_jax.models import create_model
-
-    if spec.get('patch'):
-        import xla_variants
-        xla_variants.apply(spec['patch'])
-    method = losses.get_method(spec['method'])
-    n, b, c, k = spec['image_size'], spec['batch_size'], spec['channels'], spec['num_classes']
-    model = create_model(ml_collections.ConfigDict(dict(name=spec['model'], dtype=spec['dtype'])), k)
-    opt = ml_collections.ConfigDict(dict(
-        optimizer='sgd', learning_rate=1e-3, end_learning_rate=1e-6, warmup_steps=0,
-        momentum=0.9, nesterov=True, weight_decay=1e-5, grad_clip_norm=0.0))
-    tx, lr_fn = train.make_optimizer(opt, 10_000)
-    devices = jax.devices()
-    mesh = parallel.make_mesh(devices)
-    parallel.check_batch_size(b, len(devices))
-    state = parallel.init_state(jax.random.key(0), model, tx, lr_fn, (n, n, c), mesh)
-    rng = np.random.default_rng(0)
-    host_batch = {
-        'image': rng.normal(size=(b, n, n, c)).astype(np.float32),
-        'label': rng.integers(0, k, b).astype(np.int32),
-        'ood_image': rng.normal(size=(b, n, n, c)).astype(np.float32),
-    }
-    batch = parallel.global_batch(host_batch, mesh)
-    key = parallel.replicate(jax.random.key(1), mesh)
-    step = parallel.jit_train_step(method, mesh)
-
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batch, key).compile()
-    compile_s = time.perf_counter() - t0
-    xla_mib = None
-    try:
-        mem = compiled.memory_analysis()
-        xla_mib = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                   + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2**20
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        pass
-
-    reset_rss_peak()  # the mark now covers warm-up and timed steps, not compilation
-    rss_before = rss_mib()
-    for _ in range(max(1, spec['warmup'])):  # >= 1: the first run allocates
-        state, metrics = compiled(state, batch, key)
-        jax.block_until_ready((state, metrics))
-    if not np.isfinite(float(metrics['loss/total'])):
-        raise RuntimeError(f'non-finite loss in {spec}')
-    times, cpu_times = [], []
-    for _ in range(spec['steps']):
-        t0, c0 = time.perf_counter(), time.process_time()
-        state, metrics = compiled(state, batch, key)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-    peak = rss_peak_mib()
-    out = summarize(times, b, PASSES[spec['method']], cpu_times)
-    out.update(compile_s=compile_s, xla_mib=xla_mib, device=str(devices[0].device_kind),
-               num_devices=len(devices), backend=jax.default_backend(), jax=jax.__version__)
-    stats = devices[0].memory_stats() if devices[0].platform != 'cpu' else None
-    if stats and 'peak_bytes_in_use' in stats:
-        out['peak_mib'] = stats['peak_bytes_in_use'] / 2**20
-        out['peak_kind'] = 'device peak_bytes_in_use (whole process)'
-    elif peak is not None and rss_before is not None:
-        out['peak_mib'] = peak - rss_before
-        out['peak_kind'] = 'host RSS high-water delta over the steps'
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Parent: one subprocess per run, then the table
-# --------------------------------------------------------------------------------------------------
-
 def run_worker(spec: dict, timeout_s: float) -> dict:
-    env = dict(os.environ)
-    env['XLA_FLAGS'] = spec.get('xla_flags', '')
+    """One (framework, case, method, variant) in a fresh process (jax_step / torch_reference)."""
+    extra = {'XLA_FLAGS': spec.get('xla_flags', '')}
     if spec.get('omp_wait_policy'):
-        env['OMP_WAIT_POLICY'] = spec['omp_wait_policy']
-    env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-    env['PYTHONPATH'] = os.pathsep.join([ROOT, os.path.dirname(os.path.abspath(__file__)),
-                                         env.get('PYTHONPATH', '')])
-    cmd = [sys.executable, os.path.abspath(__file__), '--_worker', json.dumps(spec)]
-    load_before = load_average()
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {**spec, 'error': f'timed out after {timeout_s:.0f} s', 'load_before': load_before}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')]
-    if proc.returncode or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {**spec, 'error': ' | '.join(tail), 'load_before': load_before}
-    result = json.loads(lines[-1][len('RESULT '):])
-    return {**spec, **result, 'load_before': load_before, 'load_after': load_average()}
+        extra['OMP_WAIT_POLICY'] = spec['omp_wait_policy']
+    return common.run_worker(__file__, spec, timeout_s, common.worker_env(extra))
 
 
 def build_runs(args) -> list[dict]:
@@ -273,7 +128,7 @@ def table(results: list[dict]) -> str:
                          f"{r['image_size']} | {r['batch_size']} | {r['method']} | error: "
                          f"{r['error'][:80]} ||||||||")
             continue
-        fmt = lambda v, f: '' if v is None else format(v, f)  # noqa: E731
+        fmt = common.fmt
         lines.append(
             f"| {r['framework']} | {r.get('variant', '')} | {r['model']} | {r['image_size']} | "
             f"{r['batch_size']} | {r['method']} | {r['passes']} | {r['step_s_median']:.3f} | "
@@ -316,17 +171,6 @@ def ratios(results: list[dict]) -> list[str]:
     return out
 
 
-def machine() -> dict:
-    info = {'platform': platform.platform(), 'python': platform.python_version(),
-            'cpus_available': len(os.sched_getaffinity(0))}
-    try:
-        lscpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
-        info['cpu_model'] = re.search(r'Model name:\s+(.*)', lscpu).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    return info
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--suite', choices=sorted(SUITES), default=None,
@@ -352,7 +196,8 @@ def main():
                         help='PyTorch intra-op threads (default: the CPUs XLA also uses)')
     parser.add_argument('--variants', default='',
                         help="JAX variants 'name=XLA_FLAGS;name2=...' (a value 'patch:NAME "
-                             "FLAGS' also applies xla_variants.apply(NAME)); default: the suite's "
+                             "FLAGS' also applies xla_variants.apply(NAME), e.g. patch:plain "
+                             "for lax convolutions); default: the suite's "
                              "own, else one run without flags")
     parser.add_argument('--timeout', type=float, default=900, help='seconds per run')
     parser.add_argument('--out', default=None, help='write the raw results here (JSON)')
@@ -362,18 +207,18 @@ def main():
     if args._worker:
         spec = json.loads(args._worker)
         if spec['framework'] == 'jax':
-            result = run_jax(spec)
+            import jax_step
+            common.worker_result(jax_step.run(spec))
         else:
             import torch_reference
-            result = torch_reference.run(spec)
-        print('RESULT ' + json.dumps(result), flush=True)
+            common.worker_result(torch_reference.run(spec))
         return
 
     runs = build_runs(args)
     started = time.time()
-    info = {'machine': machine(), 'command': ' '.join([os.path.relpath(sys.executable, ROOT)]
-                                                      + sys.argv),
-            'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'load_start': load_average()}
+    info = {'machine': common.machine(),
+            'command': ' '.join([os.path.relpath(sys.executable, common.ROOT)] + sys.argv),
+            'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'load_start': common.load_average()}
     results = []
     for i, spec in enumerate(runs):
         result = run_worker(spec, args.timeout)
@@ -383,15 +228,13 @@ def main():
         print(f"[{i + 1}/{len(runs)}] {spec['framework']}[{spec['variant']}] {spec['model']} "
               f"{spec['image_size']}px B={spec['batch_size']} {spec['method']}: {status} "
               f"(load {result.get('load_before')})", flush=True)
-    info.update(load_end=load_average(), wall_s=time.time() - started)
+    info.update(load_end=common.load_average(), wall_s=time.time() - started)
     print()
     print(f"machine: {info['machine']}; load at start {info['load_start']}, end {info['load_end']}; "
           f"{info['wall_s']:.0f} s")
     print(table(results))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'w') as f:
-            json.dump({'info': info, 'results': results, 'table': table(results)}, f, indent=1)
+        common.write_json(args.out, {'info': info, 'results': results, 'table': table(results)})
 
 
 if __name__ == '__main__':

@@ -2,11 +2,15 @@
 
 ``train_step.py --variants='name=patch:dot1x1'`` calls ``apply('dot1x1')`` in the worker before
 the model is built. Nothing here changes ``lmoe_jax`` on disk; a variant that measurably helps is
-described in docs/benchmarks.md as the exact change to make in ``lmoe_jax/models/resnet.py``.
+described in docs/benchmarks.md as the exact change to make in ``lmoe_jax/models/resnet.py``
+(``smallmap_dot1x1`` shipped that way as ``model.matmul_convs``). ``plain`` forces lax
+convolutions whatever ``model.matmul_convs`` resolves to.
 """
 from __future__ import annotations
 
 import functools
+
+from jax import lax
 
 from lmoe_jax.models.cpu_convs import conv_as_patches_dot, conv_or_dot, make_small_map_conv
 
@@ -24,6 +28,7 @@ def _patch_conv(conv_fn) -> None:
 
 
 PATCHES = {
+    'plain': lambda: _patch_conv(lax.conv_general_dilated),  # what model.matmul_convs=False builds
     'dot1x1': lambda: _patch_conv(conv_or_dot),
     'smallmap': lambda: _patch_conv(make_small_map_conv(None)),
     'smallmap_dot1x1': lambda: _patch_conv(make_small_map_conv(None, pointwise_as_dot=True)),

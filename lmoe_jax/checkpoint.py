@@ -7,12 +7,15 @@ validation accuracy (``metrics={'val_accuracy': ...}`` at save time).
 """
 from __future__ import annotations
 
-import os
-from typing import Any
+import contextlib
+import math
+from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from lmoe_jax import train
@@ -24,12 +27,20 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot serve the request (missing, or from another model)."""
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), 'checkpoints')
+def as_path(path) -> epath.Path:
+    """A local or ``gs://`` path as an ``epath.Path``; local paths made absolute (Orbax needs it)."""
+    path = epath.Path(path)
+    return path if '://' in str(path) else path.resolve()
+
+
+def checkpoint_dir(workdir) -> epath.Path:
+    return as_path(workdir) / 'checkpoints'
 
 
 def _best_metric(metrics: Any) -> float:
-    return float(metrics[BEST_METRIC])
+    """Validation accuracy; a non-finite one ranks below every real one (never "best")."""
+    value = float(metrics[BEST_METRIC])
+    return value if math.isfinite(value) else -math.inf
 
 
 def manager(workdir: str, *, keep: int = 3, async_save: bool = True,
@@ -41,10 +52,21 @@ def manager(workdir: str, *, keep: int = 3, async_save: bool = True,
                        keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, best_fn=_best_metric, best_mode='max',  # best_fn: store metrics enable_async_checkpointing=async_save, create=not read_only,
+        preservation_policy=policy, best_fn=_best_metric, best_mode='max',
+        enable_async_checkpointing=async_save, create=not read_only,
         read_only=read_only, cleanup_tmp_directories=not read_only)
     handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+
+
+@contextlib.contextmanager
+def reading(workdir) -> Iterator[ocp.CheckpointManager]:
+    """A read-only manager of ``workdir``'s checkpoints, closed on exit."""
+    mngr = manager(workdir, read_only=True, async_save=False)
+    try:
+        yield mngr
+    finally:
+        mngr.close()
 
 
 def _saveable(state: train.TrainState) -> dict:
@@ -77,52 +99,75 @@ def restore(mngr: ocp.CheckpointManager, state: train.TrainState,
     return state.replace(**restored)
 
 
+def read_variables(mngr: ocp.CheckpointManager, step: int) -> dict:
+    """params and batch_stats of ``step`` as host numpy arrays, whatever model wrote them."""
+    meta = mngr.item_metadata(step)['state']
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta)
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return {'params': state['state']['params'], 'batch_stats': state['state']['batch_stats']}
+
+
 def best_step(mngr: ocp.CheckpointManager) -> int | None:
-    """The step with the highest validation accuracy, or the latest when none has one."""
-    best, best_value = None, -np.inf
-    for step in mngr.all_steps():
-        metrics = mngr.metrics(step)
-        if metrics and BEST_METRIC in metrics and float(metrics[BEST_METRIC]) > best_value:
-            best, best_value = step, float(metrics[BEST_METRIC])
+    """The step with the highest validation accuracy (Orbax's ``best_fn``), else the latest."""
+    best = mngr.best_step()
     return mngr.latest_step() if best is None else best
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def non_finite_leaves(tree) -> list[str]:
+    """Paths of the floating-point leaves of ``tree`` that hold a NaN or inf (empty: all finite)."""
+    floats = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)
+              if jnp.issubdtype(x.dtype, jnp.floating)}
+    if not floats or bool(_all_finite(floats)):
+        return []
+    return [k for k, x in floats.items() if not bool(_all_finite({'x': x}))]
 
 
 def saved_config(workdir: str, step: int | None = None) -> dict:
     """The config stored beside a checkpoint of ``workdir`` (latest step by default)."""
-    mngr = manager(workdir, read_only=True, async_save=False)
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f'no checkpoint in {checkpoint_dir(workdir)}: is {workdir!r} the '
-                              'workdir of a finished run?')
-    return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+    with reading(workdir) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f'no checkpoint in {checkpoint_dir(workdir)}: is {workdir!r} '
+                                  'the workdir of a finished run?')
+        return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
 
 
-def load_variables_from(workdir: str, state: train.TrainState, *,
-                        expect: dict[str, Any]) -> train.TrainState:
-    """Stage 2: params and batch stats of another run's latest checkpoint, not its optimiser.
+def load_variables_from(workdir, state: train.TrainState, *,
+                        expect: dict[str, Any]) -> tuple[train.TrainState, int]:
+    """Stage 2: params and batch stats of another run's BEST checkpoint, not its optimiser.
 
-    ``expect`` lists what must agree (e.g. model name, width, num_classes); any difference or a
-    different parameter tree is refused with a message naming the mismatch.
+    Best = highest ID validation accuracy (the latest where none was measured). ``expect`` lists
+    what must agree (e.g. model name, width, class split); any difference or a different
+    parameter tree is refused with a message naming the mismatch. Returns (state, step used).
     """
-    other = saved_config(workdir)
-    for key, value in expect.items():
-        theirs = _lookup(other, key)
-        if theirs != value:
-            raise CheckpointError(
-                f'init_from={workdir!r} holds a checkpoint with {key}={theirs!r}, but this run has '
-                f'{key}={value!r}; fine-tune from a run of the same model and class split.')
-    mngr = manager(workdir, read_only=True, async_save=False)
-    step = mngr.latest_step()
-    meta = mngr.item_metadata(step)['state']
-    _check_same_tree(meta['params'], state.params, 'params')
-    _check_same_tree(meta['batch_stats'], state.batch_stats, 'batch_stats')
-    # The other run's optimiser may differ: restore its whole tree as described by its metadata,
-    # placed like this run's params, and keep params and batch stats only.
-    sharding = jax.tree.leaves(state.params)[0].sharding
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))['state']
-    return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
+    with reading(workdir) as mngr:
+        step = best_step(mngr)
+        if step is None:
+            raise CheckpointError(f'init_from={str(workdir)!r} has no checkpoint; point it to the '
+                                  'workdir of a finished run (e.g. the baseline stage).')
+        other = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+        for key, value in expect.items():
+            theirs = _lookup(other, key)
+            if theirs != value:
+                raise CheckpointError(
+                    f'init_from={str(workdir)!r} holds a checkpoint with {key}={theirs!r}, but this '
+                    f'run has {key}={value!r}; fine-tune from a run of the same model and class split.')
+        meta = mngr.item_metadata(step)['state']
+        _check_same_tree(meta['params'], state.params, 'params')
+        _check_same_tree(meta['batch_stats'], state.batch_stats, 'batch_stats')
+        # The other run's optimiser may differ: restore its whole tree as described by its
+        # metadata, placed like this run's params, and keep params and batch stats only.
+        sharding = jax.tree.leaves(state.params)[0].sharding
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                              meta)
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))['state']
+    return state.replace(params=restored['params'], batch_stats=restored['batch_stats']), step
 
 
 def _lookup(config: dict, dotted: str) -> Any:

@@ -3,7 +3,11 @@
 ``run(config, workdir, mode)`` is what ``main.py`` calls. A run resumes from its latest complete
 checkpoint automatically (same step, learning rate, data position and rng, so a killed and
 restarted run ends bit-identical to an uninterrupted one on CPU); SIGTERM saves and exits
-cleanly; a non-finite loss stops the run before anything non-finite is saved.
+cleanly (during evaluation it stops the evaluation, which a restart redoes); a non-finite
+objective or gradient stops the run, after any save in flight has finished, and non-finite
+parameters are never saved. Every path goes through ``etils.epath``, so the workdir may be
+``gs://``. The terminal gets one line per log interval, checkpoint, validation and evaluation
+set (``console``); library chatter is absl INFO, shown with ``--verbose``.
 """
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ import contextlib
 import copy
 import dataclasses
 import json
-import os
+import math
 import signal
+import sys
 import time
 from typing import Any, Iterator
 
@@ -22,6 +27,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, metrics as clu_metrics, parameter_overview, periodic_actions
+from etils import epath
+from flax import traverse_util
 
 from lmoe_jax import checkpoint, losses, parallel, train
 from lmoe_jax.models import create_model
@@ -35,7 +42,26 @@ class ConfigError(ValueError):
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a non-finite loss; the last good checkpoint is left intact."""
+    """Training produced a non-finite objective, gradient or parameter; the run stopped."""
+
+
+class EvaluationInterrupted(RuntimeError):
+    """SIGTERM arrived during the evaluation; nothing was written, a restart redoes it."""
+
+
+def console(message: str) -> None:
+    """One line for the person at the terminal (process 0 only; stdout, flushed)."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stdout, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f'{seconds}s'
+    if seconds < 3600:
+        return f'{seconds // 60}m{seconds % 60:02d}s'
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,15 +97,27 @@ def validate_config(config, *, mode: str = 'train') -> None:
     for name in ('learning_rate', 'weight_decay', 'end_learning_rate'):
         if float(config[name]) < 0:
             raise ConfigError(f'config.{name}={config[name]} must be >= 0.')
-    if int(config.get('baseline_epochs', 0)) < 0:
+    if float(config.get('baseline_epochs', 0) or 0) < 0:
         raise ConfigError(f'config.baseline_epochs={config.baseline_epochs} must be >= 0.')
-    if config.init_from and not os.path.isdir(checkpoint.checkpoint_dir(config.init_from)):
+    if config.init_from and not checkpoint.checkpoint_dir(config.init_from).is_dir():
         raise ConfigError(f'config.init_from={config.init_from!r} has no checkpoints/ folder; '
                           'point it to the workdir of a finished run (e.g. the baseline stage).')
+    _validate_data_config(config.data)
     for name in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                  'keep_checkpoints', 'eval_batch_size'):
         if int(config[name]) <= 0:
             raise ConfigError(f'config.{name}={config[name]} must be > 0.')
+
+
+def _validate_data_config(data_config) -> None:
+    """Class split and image sizes: cheap checks that otherwise fail deep inside tf.data."""
+    from lmoe_jax import data
+    try:
+        data.class_split(int(data_config.num_classes), int(data_config.num_id_classes),
+                         int(data_config.get('split', 0) or 0), data_config.get('id_classes'))
+        data.transform_from_config(data_config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def config_to_dict(config) -> dict:
@@ -94,7 +132,7 @@ def config_from_dict(d: dict) -> ml_collections.ConfigDict:
 def _identity(config) -> dict:
     """What a checkpoint used by init_from must share with this run."""
     return {'model.name': config.model.name, 'model.width': config.model.width,
-            'data.dataset': config.data.dataset, 'data.num_id_classes': config.data.num_id_classes,
+            'data.image_size': config.data.image_size, 'data.dataset': config.data.dataset, 'data.num_id_classes': config.data.num_id_classes,
             'data.split': config.data.split,
             'data.id_classes': (list(config.data.id_classes) if config.data.id_classes is not None
                                 else None)}
@@ -119,8 +157,8 @@ def enable_compilation_cache(config, workdir: str) -> None:
     cache = config.get('compilation_cache_dir')
     if cache == '':
         return
-    cache = cache or os.path.join(os.path.abspath(workdir), 'jax_cache')
-    jax.config.update('jax_compilation_cache_dir', cache)
+    cache = cache or str(checkpoint.as_path(workdir) / 'jax_cache')
+    jax.config.update('jax_compilation_cache_dir', str(cache))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
@@ -133,7 +171,7 @@ def make_setup(config) -> Setup:
     if int(config.num_train_steps) > 0:
         total = int(config.num_train_steps)
     else:
-        total = max(int(round(float(config.num_epochs) * steps_per_epoch)), 1)
+        total = max(int(round(float(config.num_epochs) * steps_per_epoch)), 1)  # 0.5 epochs: fine
     bn_axis = parallel.PMAP_AXIS if config.parallelism == 'pmap' else None
     model = create_model(config.model, info.num_id_classes, bn_axis_name=bn_axis)
     return Setup(config=config, mesh=parallel.make_mesh(), model=model, info=info,
@@ -204,17 +242,22 @@ def validation_accuracy(eval_step, variables, eval_set, mesh) -> float:
 # --------------------------------------------------------------------------------------------------
 
 class _StopFlag:
-    """Set by SIGTERM (TPU preemption): the loop saves and exits cleanly at the next step."""
+    """SIGTERM (TPU preemption): the train loop saves and exits at the next step; inside
+    ``interrupting()`` (the evaluation) the signal raises ``EvaluationInterrupted`` at once."""
 
     def __init__(self):
         self.requested = False
+        self._interrupt = False
         self._previous = None
 
     def __enter__(self):
         def handler(signum, frame):
             del frame
-            logging.warning('signal %d received: saving a checkpoint and stopping', signum)
             self.requested = True
+            if self._interrupt:
+                self._interrupt = False
+                raise EvaluationInterrupted(f'signal {signum} during the evaluation')
+            console(f'signal {signum} received: saving a checkpoint and stopping')
         try:
             self._previous = signal.signal(signal.SIGTERM, handler)
         except ValueError:  # not the main thread: no handler, nothing to restore
@@ -224,6 +267,16 @@ class _StopFlag:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+    @contextlib.contextmanager
+    def interrupting(self):
+        if self.requested:
+            raise EvaluationInterrupted('stop requested before the evaluation')
+        self._interrupt = True
+        try:
+            yield
+        finally:
+            self._interrupt = False
 
     def should_stop(self, step: int, sync_every: int) -> bool:
         if jax.process_count() == 1:
@@ -235,16 +288,36 @@ class _StopFlag:
         return bool(np.any(flags))
 
 
-def check_finite(metrics_host: dict, step: int, mngr) -> None:
-    bad = sorted(k for k, v in metrics_host.items()
-                 if k.startswith('loss/') and not np.isfinite(v))
+# What must stay finite: the weighted objective and the gradient. A single term may be inf with
+# weight 0 (it then contributes exactly 0), so terms alone never stop a run.
+GUARDED_METRICS = ('loss/total', 'grad_norm')
+
+
+def non_finite_metrics(metrics_host: dict) -> dict:
+    return {k: float(metrics_host[k]) for k in GUARDED_METRICS
+            if k in metrics_host and not np.isfinite(metrics_host[k])}
+
+
+def intact_checkpoint(mngr) -> str:
+    """What is really on disk after the last save finished: the latest step, read back and
+    checked finite; said as a phrase for the stop message."""
+    mngr.wait_until_finished()
+    mngr.reload()
+    step = mngr.latest_step()
+    if step is None:
+        return 'no checkpoint was saved yet'
+    bad = checkpoint.non_finite_leaves(checkpoint.read_variables(mngr, step))
     if bad:
-        last = mngr.latest_step()
-        raise NonFiniteLossError(
-            f'non-finite loss at step {step}: {", ".join(bad)} = '
-            f'{", ".join(str(metrics_host[k]) for k in bad)}. Training stopped; the last good '
-            f'checkpoint ({"step " + str(last) if last is not None else "none yet"}) is intact. '
-            'Lower the learning rate, check the data (labels in range?) or the loss weights.')
+        return f'the latest checkpoint (step {step}) is NOT finite ({len(bad)} arrays)'
+    return f'the latest checkpoint, step {step}, was read back from disk and is finite'
+
+
+def _non_finite_stop(step: int, what: dict, mngr) -> NonFiniteLossError:
+    values = ', '.join(f'{k} = {v}' for k, v in what.items())
+    return NonFiniteLossError(
+        f'non-finite values at step {step}: {values}. Training stopped; {intact_checkpoint(mngr)}. '
+        'Lower the learning rate (or set config.grad_clip_norm), check the data (labels in '
+        'range?) or the loss weights, then restart: the run resumes from that checkpoint.')
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,44 +331,130 @@ def _batches(config, start_step: int) -> Iterator[dict]:
                                   start_step=start_step))
 
 
-def train_stage(config, workdir: str, stop: '_StopFlag | None' = None) -> dict:
+def check_workdir_writable(workdir) -> epath.Path:
+    """Create the workdir (local or gs://) and prove it takes a file, before any work is done."""
+    path = checkpoint.as_path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            probe = path / f'.write_test.{time.time_ns()}'
+            probe.write_text('ok')
+            probe.unlink()
+    except OSError as e:
+        raise ConfigError(f'the workdir {str(path)!r} is not writable ({e.strerror or e}); '
+                          'use a --workdir you can write to.') from None
+    return path
+
+
+def _check_resume_identity(workdir, config, step: int) -> None:
+    """Resuming needs the same model and data layout; say so before Orbax's shape errors do."""
+    saved = checkpoint.saved_config(workdir, step)
+    for key, value in _identity(config).items():
+        theirs = checkpoint._lookup(saved, key)
+        if theirs != value:
+            raise checkpoint.CheckpointError(
+                f'{workdir} holds a run with {key}={theirs!r}, but this config has {key}={value!r}. '
+                'To train this config, use a new --workdir; to resume that run, use the config it '
+                f'was started with (saved beside its checkpoints; --mode=eval reads it).')
+
+
+class _StepLog:
+    """The per-interval terminal line: stage, step/total, steps/s, ETA, loss, ID accuracy."""
+
+    def __init__(self, stage: str, start: int, total: int):
+        self.stage, self.total = stage, total
+        self.t0, self.s0 = time.perf_counter(), start
+        self.t_last, self.s_last = self.t0, start
+
+    def line(self, step: int, scalars: dict) -> tuple[str, float]:
+        now = time.perf_counter()
+        rate = (step - self.s_last) / max(now - self.t_last, 1e-9)
+        overall = (step - self.s0) / max(now - self.t0, 1e-9)
+        self.t_last, self.s_last = now, step
+        eta = _duration((self.total - step) / max(overall, 1e-9))
+        width = len(str(self.total))
+        text = (f'[{self.stage}] step {step:>{width}}/{self.total} {100 * step / self.total:5.1f}%  '
+                f'{rate:6.2f} steps/s  ETA {eta:>6}  loss {scalars.get("train/loss/total", math.nan):.4f}'
+                f'  acc {100 * scalars.get("train/accuracy", math.nan):5.1f}%')
+        return text, rate
+
+
+def train_stage(config, workdir, stop: '_StopFlag | None' = None, *, stage: str | None = None) -> dict:
     """Train one stage into ``workdir``; resume if it has checkpoints. Returns a summary.
 
     ``stop``: the SIGTERM flag (``run`` installs it before anything else, so a signal during
-    start-up is honoured at the first step).
+    start-up is honoured at the first step). ``stage``: the name shown in terminal lines.
     """
-    os.makedirs(workdir, exist_ok=True)
+    workdir = check_workdir_writable(workdir)
     setup = make_setup(config)
     mesh, method = setup.mesh, setup.method
+    stage = stage or method.name
     is_main = jax.process_index() == 0
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main,
-                                                  asynchronous=True)
     mngr = checkpoint.manager(workdir, keep=int(config.keep_checkpoints))
-    config_dict = config_to_dict(config)
-    state = initial_state(setup)
-    resumed = mngr.latest_step() is not None
-    if resumed:
-        state = checkpoint.restore(mngr, state)
-        logging.info('resumed from %s at step %d', mngr.directory, int(state.step))
-    elif config.init_from:
-        state = checkpoint.load_variables_from(config.init_from, state, expect=_identity(config))
-        logging.info('initialised params and batch stats from %s', config.init_from)
-    start = int(jax.device_get(state.step))
-    total = setup.total_steps
-    if start >= total:
-        logging.info('%s: already trained for %d steps', workdir, total)
+    writer = None
+    try:
+        resume_step = mngr.latest_step()
+        if resume_step is not None:
+            _check_resume_identity(workdir, config, resume_step)
+        # ImageNet weights only for a fresh start: a resume or a fine-tune replaces every weight
+        state = initial_state(setup, load_pretrained=resume_step is None and not config.init_from)
+        if resume_step is not None:
+            state = checkpoint.restore(mngr, state)
+            console(f'[{stage}] resumed from {mngr.directory} at step {int(state.step)}')
+        elif config.init_from:
+            state, from_step = checkpoint.load_variables_from(config.init_from, state,
+                                                              expect=_identity(config))
+            console(f'[{stage}] starting from {config.init_from} (its best checkpoint, step '
+                    f'{from_step})')
+        start = int(jax.device_get(state.step))
+        total = setup.total_steps
+        if start >= total:
+            console(f'[{stage}] already trained for {total} steps')
+            return {'steps': start, 'workdir': str(workdir), 'preempted': False}
+        writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main,
+                                                      asynchronous=True)
+        summary = _train_loop(config, setup, state, mngr, writer, workdir, stop, stage,
+                              fresh=resume_step is None)
+        mngr.wait_until_finished()  # errors of the last (async) save surface here
+        return summary
+    except BaseException:
+        _finish_saves_quietly(mngr)
+        raise
+    finally:
         mngr.close()
-        writer.close()
-        return {'steps': start, 'workdir': workdir}
+        if writer is not None:
+            writer.close()
 
-    if is_main and not resumed:
+
+def _finish_saves_quietly(mngr) -> None:
+    """On the way out after an error: let a save in flight finish (or fail) so that a step that
+    was being written is either complete or cleaned up, never left half-written."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001  the original error is the one to report
+        logging.warning('a checkpoint save in flight failed too: %s', e)
+    if jax.process_index() == 0:
+        try:
+            for tmp in mngr.directory.glob('*.orbax-checkpoint-tmp*'):
+                tmp.rmtree()
+        except OSError:
+            pass
+
+
+def _train_loop(config, setup: Setup, state, mngr, writer, workdir, stop, stage: str, *,
+                fresh: bool) -> dict:
+    mesh, method, total = setup.mesh, setup.method, setup.total_steps
+    start = int(jax.device_get(state.step))
+    is_main = jax.process_index() == 0
+    config_dict = config_to_dict(config)
+    if is_main and fresh:
         parameter_overview.log_parameter_overview(state.params)
         writer.write_hparams({k: (str(v) if isinstance(v, (list, tuple, type(None))) else v)
-                              for k, v in _flatten(config_dict).items()})
-    logging.info('method %s: %d steps (%d per epoch), batch %d ID + %d outliers, %d devices, %s',
-                 method.name, total, setup.steps_per_epoch, config.batch_size,
-                 config.batch_size if method.needs_ood or method.needs_mix else 0,
-                 jax.device_count(), config.parallelism)
+                              for k, v in traverse_util.flatten_dict(config_dict, sep='.').items()})
+    outliers = config.batch_size if method.needs_ood or method.needs_mix else 0
+    console(f'[{stage}] {total - start} steps to go ({setup.steps_per_epoch} per epoch), batch '
+            f'{config.batch_size} ID + {outliers} outliers, {jax.device_count()} devices '
+            f'({jax.process_count()} processes), {config.parallelism}')
 
     val_sets = _validation_sets(config)
     eval_step = make_eval_step(setup.model.apply, mesh)
@@ -315,23 +474,27 @@ def train_stage(config, workdir: str, stop: '_StopFlag | None' = None) -> dict:
     def global_state():
         return parallel.unreplicate(run_state, mesh) if use_pmap else run_state
 
-    def val_accuracy():
-        if 'id_val' not in val_sets:
-            return None
-        return validation_accuracy(eval_step, global_state().variables, val_sets['id_val'], mesh)
+    def save(step: int, val: float | None, force: bool) -> None:
+        saved = global_state()
+        bad = checkpoint.non_finite_leaves(saved.variables)
+        if bad:
+            raise _non_finite_stop(step, {f'params {bad[0]}': math.nan}, mngr)
+        if checkpoint.save(mngr, saved, config_dict, val_accuracy=val, force=force):
+            extra = f', ID validation accuracy {100 * val:.2f}%' if val is not None else ''
+            console(f'[{stage}] step {step}: checkpoint save started{extra}')
 
     hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                              every_steps=int(config.log_every_steps))]
     if config.get('profile') and is_main:
-        hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
+        hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
+    step_log = _StepLog(stage, start, total)
     collection, collection_cls = None, None
     stream = _batches(config, start)
     pending = None  # (step, metrics) of the step before: checked one step late, no stall
     last_val = None
     stopped_early = False
-    with contextlib.ExitStack() as stack:
-        if stop is None:
-            stop = stack.enter_context(_StopFlag())
+    stop_ctx = contextlib.nullcontext(stop) if stop is not None else _StopFlag()
+    with stop_ctx as stop:
         for step in range(start + 1, total + 1):
             local = next(stream)
             if use_pmap:
@@ -340,7 +503,9 @@ def train_stage(config, workdir: str, stop: '_StopFlag | None' = None) -> dict:
             else:
                 run_state, metrics = step_fn(run_state, parallel.global_batch(local, mesh), rng)
             if pending is not None:
-                check_finite(jax.device_get(pending[1]), pending[0], mngr)
+                bad = non_finite_metrics(jax.device_get(pending[1]))
+                if bad:
+                    raise _non_finite_stop(pending[0], bad, mngr)
             pending = (step, metrics)
             collection_cls = collection_cls or make_train_collection(metrics)
             update = collection_cls.single_from_model_output(
@@ -349,37 +514,56 @@ def train_stage(config, workdir: str, stop: '_StopFlag | None' = None) -> dict:
             for hook in hooks:
                 hook(step)
             if step % int(config.log_every_steps) == 0 or step == total:
-                writer.write_scalars(step, collection_to_scalars(collection))
+                scalars = collection_to_scalars(collection)
+                text, _ = step_log.line(step, scalars)
+                console(text)
+                writer.write_scalars(step, scalars)
                 collection = None
             is_last = step == total
             want_eval = step % int(config.eval_every_steps) == 0 or is_last
             want_save = step % int(config.checkpoint_every_steps) == 0 or is_last or want_eval
             preempted = stop.should_stop(step, int(config.log_every_steps))
             if want_save or preempted:
-                check_finite(jax.device_get(metrics), step, mngr)
+                bad = non_finite_metrics(jax.device_get(metrics))
+                if bad:
+                    raise _non_finite_stop(step, bad, mngr)
                 if want_eval:
-                    last_val = val_accuracy()
+                    last_val = val_accuracy(eval_step, global_state, val_sets, mesh)
                     if last_val is not None:
                         writer.write_scalars(step, {'val/id_accuracy': last_val})
-                checkpoint.save(mngr, global_state(), config_dict,
-                                val_accuracy=last_val if want_eval else None,
-                                force=is_last or preempted)
+                save(step, last_val if want_eval else None, force=is_last or preempted)
             if preempted and not is_last:
-                logging.warning('stopped at step %d on request; restart to resume', step)
                 stopped_early = True
                 break
     mngr.wait_until_finished()
-    mngr.close()
     writer.flush()
-    writer.close()
     final_step = int(jax.device_get(global_state().step))
-    return {'steps': final_step, 'workdir': workdir, 'preempted': stopped_early,
+    mngr.reload()
+    on_disk = mngr.latest_step()
+    if on_disk != final_step:
+        raise checkpoint.CheckpointError(f'the checkpoint of step {final_step} is not on disk in '
+                                         f'{mngr.directory} (latest there: {on_disk}).')
+    if stopped_early:
+        console(f'[{stage}] stopped at step {final_step} on request; checkpoint step {on_disk} is '
+                'on disk. Restart the same command to resume.')
+    else:
+        best = checkpoint.best_step(mngr)
+        console(f'[{stage}] done: {final_step} steps; checkpoints on disk: '
+                f'{", ".join(map(str, mngr.all_steps()))} (best: step {best})')
+    return {'steps': final_step, 'workdir': str(workdir), 'preempted': stopped_early,
             'val_accuracy': last_val}
+
+
+def val_accuracy(eval_step, global_state, val_sets: dict, mesh) -> float | None:
+    if 'id_val' not in val_sets:
+        return None
+    return validation_accuracy(eval_step, global_state().variables, val_sets['id_val'], mesh)
 
 
 def _validation_sets(config) -> dict:
     from lmoe_jax import data
-    if not float(config.data.get('val_fraction', 0.0) or 0.0):
+    if not any(float(config.data.get(k, 0.0) or 0.0) for k in ('val_fraction',
+                                                                  'outlier_val_fraction')):
         return {}
     sets = data.validation_datasets(config.data, batch_size=_eval_batch(config))
     return {s.name: s for s in sets}
@@ -392,98 +576,124 @@ def _eval_batch(config) -> int:
     return -(-per_process // n) * n
 
 
-def _flatten(d: dict, prefix: str = '') -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f'{prefix}{k}.'))
-        else:
-            out[f'{prefix}{k}'] = v
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # Stages, evaluation, the entry point
 # --------------------------------------------------------------------------------------------------
 
 def baseline_stage_config(config) -> ml_collections.ConfigDict:
-    """Stage 1 of the MixOE protocol: cross-entropy only, ``baseline_epochs`` epochs."""
+    """Stage 1 of the MixOE protocol: cross-entropy only (every ``config.loss`` override of the
+    stage-2 method dropped), ``baseline_epochs`` epochs."""
     stage = copy.deepcopy(config)
     with stage.unlocked():
         stage.method = 'baseline'
-        stage.num_epochs = int(config.baseline_epochs)
+        for key in stage.loss.keys():
+            stage.loss[key] = None
+        stage.num_epochs = float(config.baseline_epochs)
         stage.num_train_steps = -1
-        stage.baseline_epochs = 0
+        stage.baseline_epochs = 0.0
         if config.get('baseline_learning_rate') is not None:
             stage.learning_rate = float(config.baseline_learning_rate)
     return stage
 
 
-def evaluate_run(config, workdir: str, *, step: int | None = None) -> dict:
-    """Evaluate the best (or ``step``) checkpoint of a run; writes the report into the workdir."""
+def evaluate_run(config, workdir, *, step: int | None = None,
+                 stop: '_StopFlag | None' = None) -> dict:
+    """Evaluate the best (or ``step``) checkpoint of a run; process 0 writes the report into
+    the workdir, every process returns the metrics. SIGTERM interrupts it (nothing written)."""
     from lmoe_jax import data, evaluate
-    from lmoe_jax.ood import report
+    from lmoe_jax.ood import report, scores as ood_scores
+    workdir = checkpoint.as_path(workdir)
     setup = make_setup(config)
     state = initial_state(setup, load_pretrained=False)  # the checkpoint replaces every weight
-    mngr = checkpoint.manager(workdir, read_only=True, async_save=False)
-    if mngr.latest_step() is None:
+    with checkpoint.reading(workdir) as mngr:
+        if mngr.latest_step() is None:
+            raise checkpoint.CheckpointError(
+                f'no checkpoint in {checkpoint.checkpoint_dir(workdir)}: train first (--mode=train).')
+        step = checkpoint.best_step(mngr) if step is None else int(step)
+        if step not in mngr.all_steps():
+            raise checkpoint.CheckpointError(f'no checkpoint at step {step}; available: '
+                                             f'{list(mngr.all_steps())}')
+        _check_resume_identity(workdir, config, step)
+        state = checkpoint.restore(mngr, state, step)
+        finite = [s for s in mngr.all_steps() if s != step]
+    bad = checkpoint.non_finite_leaves(state.variables)
+    if bad:
         raise checkpoint.CheckpointError(
-            f'no checkpoint in {checkpoint.checkpoint_dir(workdir)}: train first (--mode=train).')
-    step = checkpoint.best_step(mngr) if step is None else int(step)
-    if step not in mngr.all_steps():
-        raise checkpoint.CheckpointError(f'no checkpoint at step {step}; available: '
-                                         f'{list(mngr.all_steps())}')
-    state = checkpoint.restore(mngr, state, step)
-    logging.info('evaluating %s at step %d', workdir, step)
+            f'checkpoint step {step} of {workdir} holds non-finite values ({len(bad)} arrays, e.g. '
+            f'{bad[0]}): its report would be meaningless. Evaluate another step (--step=N; saved: '
+            f'{finite}) or retrain from an earlier one.')
+    console(f'[eval] {workdir} at step {step}')
     batch = _eval_batch(config)
-    eval_sets = data.eval_datasets(config.data, batch_size=batch)
+    eval_sets = [_announced(s) for s in data.eval_datasets(config.data, batch_size=batch)]
     fit_sets = {'train': data.id_train_eval_dataset(config.data, batch_size=batch)}
     val = [s for s in _validation_sets(config).values() if s.name == 'id_val']
     if val:
         fit_sets['val'] = val[0]
     is_main = jax.process_index() == 0
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
     score_names = tuple(config.scores)
-    results = evaluate.evaluate(
-        apply_fn=setup.model.apply, variables=state.variables, eval_sets=eval_sets,
-        fit_sets=fit_sets, workdir=workdir, scores=score_names, writer=writer, step=step,
-        batch_sharding=parallel.data_sharded(setup.mesh), seed=int(config.seed))
-    writer.close()
-    if is_main:
-        print(f'\nOOD report of {workdir} (step {step}, method {config.method}):')
-        print(report.format_msp_table(results))
-        print(f'All scores: {os.path.join(workdir, "ood_report.md")}')
+    interrupting = stop.interrupting() if stop is not None else contextlib.nullcontext()
+    try:
+        with interrupting:
+            results = evaluate.evaluate(
+                apply_fn=setup.model.apply, variables=state.variables, eval_sets=eval_sets,
+                fit_sets=fit_sets, workdir=str(workdir), scores=score_names, writer=writer,
+                step=step, batch_sharding=parallel.data_sharded(setup.mesh),
+                seed=int(config.seed), score_config=evaluate.ScoreConfig(
+                    odin_input_std=ood_scores.normalization_std_from_config(config.data)))
+    finally:
+        writer.close()
+    console(f'\nOOD report of {workdir} (step {step}, method {config.method}):')
+    console(report.format_msp_table(results))
+    console(f'All scores: {workdir / "ood_report.md"}')
     return results
 
 
-def run(config, workdir: str, mode: str = 'train_and_eval', *, eval_step: int | None = None):
+def _announced(eval_set):
+    """The same set, printing one line when its last batch has been scored."""
+    def batches():
+        t0 = time.perf_counter()
+        yield from eval_set.batches()
+        console(f'[eval] {eval_set.name}: {eval_set.num_examples} images ({eval_set.kind}) in '
+                f'{_duration(time.perf_counter() - t0)}')
+    return eval_set._replace(batches=batches)
+
+
+def run(config, workdir, mode: str = 'train_and_eval', *, eval_step: int | None = None):
     """The whole program: optional baseline stage, the method's stage, then the evaluation."""
     validate_config(config, mode=mode)
     enable_compilation_cache(config, workdir)
     t0 = time.time()
     with _StopFlag() as stop:
-        summary = _run_stages(config, workdir, mode, stop, eval_step)
-    logging.info('done in %.1f s', time.time() - t0)
+        summary = _run_stages(config, checkpoint.as_path(workdir), mode, stop, eval_step)
+    console(f'done in {_duration(time.time() - t0)}')
     return summary
 
 
-def _run_stages(config, workdir: str, mode: str, stop: _StopFlag, eval_step: int | None) -> dict:
+def _run_stages(config, workdir: epath.Path, mode: str, stop: _StopFlag,
+                eval_step: int | None) -> dict:
     summary = {}
     if mode in ('train', 'train_and_eval'):
-        if int(config.get('baseline_epochs', 0) or 0) > 0 and not config.init_from:
-            base_dir = os.path.join(workdir, 'baseline')
-            logging.info('stage 1: baseline (cross-entropy) for %d epochs in %s',
-                         config.baseline_epochs, base_dir)
-            summary['baseline'] = train_stage(baseline_stage_config(config), base_dir, stop)
+        if float(config.get('baseline_epochs', 0) or 0) > 0 and not config.init_from:
+            base_dir = workdir / 'baseline'
+            console(f'stage 1: baseline (cross-entropy only) for {config.baseline_epochs} epochs '
+                    f'in {base_dir}')
+            summary['baseline'] = train_stage(baseline_stage_config(config), base_dir, stop,
+                                              stage='baseline')
             if summary['baseline'].get('preempted'):
                 return summary
             config = copy.deepcopy(config)
             with config.unlocked():
-                config.init_from = base_dir
-            logging.info('stage 2: %s fine-tuned from the baseline', config.method)
+                config.init_from = str(base_dir)
+            console(f'stage 2: {config.method} fine-tuned from the best baseline checkpoint')
         summary['train'] = train_stage(config, workdir, stop)
         if summary['train'].get('preempted'):
             return summary
     if mode in ('eval', 'train_and_eval'):
-        summary['eval'] = evaluate_run(config, workdir, step=eval_step)
+        try:
+            summary['eval'] = evaluate_run(config, workdir, step=eval_step, stop=stop)
+        except EvaluationInterrupted:
+            console('[eval] stopped on request before the report was written; restart the same '
+                    'command to redo the evaluation.')
+            summary['preempted'] = True
     return summary

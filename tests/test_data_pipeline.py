@@ -151,7 +151,10 @@ def test_validation_sets_hold_out_train_images_not_test(demo_cfg):
     assert set(val_index).isdisjoint(fit_index)
     assert sorted(np.concatenate([val_index, fit_index])) == all_id_train
     assert sum(1 for i in range(NUM_TRAIN) if i % 10 in ID_CLASSES) * 0.1 < len(val_index)
-    ood_index = fx.decode_tags(_collect(val['fine_ood_val'])['image'])[0]
+    assert list(val) == ['id_val']  # no held-out class image is offered for selection
+    diag = data.fine_ood_diagnostic_dataset(cfg, batch_size=B, process_index=0, process_count=1)
+    assert diag.name == 'fine_ood_diag'
+    ood_index = fx.decode_tags(_collect(diag)['image'])[0]
     assert sorted(ood_index) == [i for i in range(NUM_TRAIN) if i % 10 not in ID_CLASSES]
     stream = _stream(cfg, seed=0)
     trained = np.concatenate([fx.decode_tags(b['image'])[0] for b in _take(stream, stream.steps_per_epoch)])
@@ -159,6 +162,29 @@ def test_validation_sets_hold_out_train_images_not_test(demo_cfg):
     info = data.dataset_info(cfg, process_count=1)
     assert info.train_size == len(fit_index) and info.image_shape == (28, 28, 1)
     assert info.num_id_classes == 6 and info.class_split.ood_classes == (4, 5, 6, 7)
+
+
+@pytest.mark.parametrize('cache', [False, True])
+def test_outlier_validation_is_held_out_from_the_outlier_stream(demo_cfg, cache):
+    cfg = ml_collections.ConfigDict(demo_cfg.to_dict())
+    cfg.val_fraction, cfg.outlier_val_fraction, cfg.cache = 0.25, 0.25, cache
+    val = {s.name: s for s in data.validation_datasets(cfg, batch_size=B, process_index=0, process_count=1)}
+    assert [(s.name, s.kind) for s in val.values()] == [('id_val', 'id'), ('outlier_val', 'ood')]
+    rows = _collect(val['outlier_val'])
+    held_out = fx.decode_tags(rows['image'])[0]
+    assert (rows['label'] == -1).all() and len(held_out) == len(set(held_out)) == 10  # 25 % of 40
+    stream = _stream(cfg, seed=0)
+    drawn = np.concatenate([fx.decode_tags(b['ood_image'])[0]
+                            for b in _take(stream, 2 * stream.steps_per_epoch)])
+    assert set(drawn).isdisjoint(held_out)
+    assert set(drawn) | set(held_out) == set(range(5000, 5040))  # the stream draws all the rest
+    selection = np.concatenate([fx.decode_tags(_collect(v)['image'])[0] for v in val.values()])
+    fashion = selection[selection < 5000]  # fake Fashion train 0..119, test 1000..1049
+    assert len(fashion) and (fashion < NUM_TRAIN).all()  # no test image
+    assert all(i % 10 in ID_CLASSES for i in fashion)  # nothing from the held-out classes
+    with pytest.raises(data.DataConfigError, match='outlier_val_fraction=1.0'):
+        cfg.outlier_val_fraction = 1.0
+        data.validation_datasets(cfg, batch_size=B, process_index=0, process_count=1)
 
 
 def test_class_count_mismatch_fails_at_start(demo_cfg):

@@ -9,6 +9,7 @@ OOD set stays the demo's (scikit-learn's bundled digits). One CPU device, as on 
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -60,7 +61,8 @@ def test_demo_ran_both_stages(demo_run):
     assert out.returncode == 0, out.stderr[-3000:]
     baseline_steps = os.listdir(workdir / 'baseline' / 'checkpoints')
     assert any(name.isdigit() for name in baseline_steps), baseline_steps
-    assert 'stage 1: baseline' in out.stderr and 'stage 2: lmoe fine-tuned from the baseline' in out.stderr
+    assert 'stage 1: baseline' in out.stdout
+    assert 'stage 2: lmoe fine-tuned from the best baseline checkpoint' in out.stdout
     final_steps = [int(n) for n in os.listdir(workdir / 'checkpoints') if n.isdigit()]
     assert max(final_steps) == FINETUNE_STEPS
 
@@ -102,3 +104,21 @@ def test_demo_writes_the_report(demo_run):
         is_ood = np.r_[np.zeros(len(id_msp)), np.ones(len(ood_msp))]
         expected = roc_auc_score(is_ood, -np.r_[id_msp, ood_msp])
         assert report['scores']['msp'][name]['openood_auroc'] == pytest.approx(expected, abs=1e-9)
+
+
+def test_demo_terminal_is_short_and_readable(demo_run):
+    """One line per log interval (stage, step/total, steps/s, ETA, loss, ID accuracy), one per
+    checkpoint, validation and evaluation set, the table; no library chatter without --verbose."""
+    out, _ = demo_run
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = (out.stdout + out.stderr).splitlines()
+    assert len(lines) < 60, '\n'.join(lines)
+    step_lines = [l for l in out.stdout.splitlines() if re.match(
+        r'\[(baseline|lmoe)\] step +\d+/\d+ +[\d.]+% +[\d.]+ steps/s +ETA +\S+ +loss [\d.]+ +acc +[\d.]+%$', l)]
+    assert {l.split()[0] for l in step_lines} == {'[baseline]', '[lmoe]'}, out.stdout
+    assert f'[lmoe] step {FINETUNE_STEPS}: checkpoint save started' in out.stdout
+    assert re.search(r'\[lmoe\] done: 4 steps; checkpoints on disk: [\d, ]*4 \(best: step \d+\)', out.stdout)
+    for name in ('id_test', 'fine_ood_test', 'digits28'):
+        assert re.search(rf'\[eval\] {name}: \d+ images', out.stdout), out.stdout
+    for chatter in ('Save Finalize', 'Setting work unit notes', 'Traceback', 'W1', 'I1'):
+        assert chatter not in out.stdout + out.stderr

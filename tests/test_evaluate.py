@@ -5,6 +5,7 @@ import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn import metrics as sk
@@ -93,6 +94,13 @@ def np_softmax(z):
     return e / e.sum(-1, keepdims=True)
 
 
+def np_log_odds_msp(z):
+    """log(p / (1 - p)) of the max softmax probability in float64 (1 - p as the others' sum)."""
+    p = np_softmax(np.asarray(z, np.float64))
+    is_top = np.eye(p.shape[1], dtype=bool)[p.argmax(-1)]
+    return np.log(p[is_top]) - np.log(np.where(is_top, 0.0, p).sum(-1))
+
+
 @pytest.fixture(scope='module')
 def full_run(setup, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('eval'))
@@ -100,7 +108,8 @@ def full_run(setup, tmp_path_factory):
     metrics = ev.evaluate(
         apply_fn=setup['model'].apply, variables=setup['variables'], eval_sets=eval_sets(setup),
         fit_sets={'train': padded_source(*setup['train'])}, workdir=workdir, writer=writer,
-        scores=ev.DEFAULT_SCORES, score_config=ev.ScoreConfig(vim_dim=2), plots=True)
+        scores=ev.DEFAULT_SCORES, score_config=ev.ScoreConfig(vim_dim=2, odin_input_std='imagenet'),
+        plots=True)
     return metrics, workdir, writer
 
 
@@ -111,13 +120,13 @@ def test_scores_and_metrics_match_independent_computation(setup, full_run):
     id_logits = apply(setup['id'][0])
     assert metrics['id_accuracy'] == pytest.approx(np.mean(id_logits.argmax(-1) == setup['id'][1]))
     saved = np.load(os.path.join(workdir, 'ood_scores.npz'))
-    conf = {'id_test': np_softmax(id_logits).max(-1)}
+    conf = {'id_test': np_log_odds_msp(id_logits)}
     for name in ('fine', 'noise', 'flat'):
         logits = apply(setup[name])
-        conf[name] = np_softmax(logits).max(-1)
+        conf[name] = np_log_odds_msp(logits)
         np.testing.assert_allclose(saved[f'{name}/max_logit'], logits.max(-1), rtol=1e-5)
     for name, values in conf.items():
-        np.testing.assert_allclose(saved[f'{name}/msp'], values, rtol=1e-5)
+        np.testing.assert_allclose(saved[f'{name}/msp'], values, rtol=1e-4, atol=1e-5)
     for name in ('fine', 'noise', 'flat'):
         is_ood = np.r_[np.zeros(40), np.ones(len(conf[name]))]
         score = np.r_[conf['id_test'], conf[name]]
@@ -182,7 +191,7 @@ def test_notebook_entry_from_logits_matches_sklearn(setup):
     m = ev.ood_metrics((id_logits, np.argmax(id_logits, -1)), {'far': ood_logits}, kinds={'far': 'coarse_ood'})
     assert set(m['scores']) == {'msp', 'max_logit', 'energy', 'gen'}
     assert m['id_accuracy'] == 1.0
-    conf_id, conf_ood = np_softmax(id_logits).max(-1), np_softmax(ood_logits).max(-1)
+    conf_id, conf_ood = np_softmax(id_logits).max(-1), np_softmax(ood_logits).max(-1)  # float64: no ties
     y = np.r_[np.ones(50), np.zeros(30)]
     score = np.r_[conf_id, conf_ood]
     assert m['scores']['msp']['far']['openood_auroc'] == pytest.approx(sk.roc_auc_score(y, score), abs=1e-6)
@@ -208,7 +217,7 @@ def test_notebook_entry_with_features_fits_scores(setup):
 
 def test_notebook_entry_with_model_arrays_and_tf_data_agree_with_evaluate(setup, full_run):
     import tensorflow as tf
-    kw = dict(apply_fn=setup['model'].apply, variables=setup['variables'],
+    kw = dict(apply_fn=setup['model'].apply, variables=setup['variables'], input_normalization='imagenet',
               scores=('msp', 'energy', 'odin'), plots=False, batch_size=16)
     from_arrays = ev.ood_metrics(setup['id'], {'fine': setup['fine']}, kinds={'fine': 'fine_ood'}, **kw)
     ds = tf.data.Dataset.from_tensor_slices(setup['id'])
@@ -220,15 +229,91 @@ def test_notebook_entry_with_model_arrays_and_tf_data_agree_with_evaluate(setup,
             for key in want:
                 assert got['scores'][score]['fine'][key] == pytest.approx(want[key], abs=1e-6), (score, key)
     assert from_tf['id_accuracy'] == pytest.approx(full_run[0]['id_accuracy'])
+    # images without labels: no accuracy; without input_normalization: no ODIN by default
+    bare = ev.ood_metrics(setup['id'][0], setup['fine'], apply_fn=setup['model'].apply,
+                          variables=setup['variables'], batch_size=16, plots=False)
+    assert bare['id_accuracy'] is None and set(bare['scores']) == {'msp', 'max_logit', 'energy', 'gen'}
 
 
-def test_sharded_batches_give_the_same_scores(setup, full_run):
+def test_odin_is_the_perturbed_score_recomputed_with_jax(setup, full_run):
+    # OpenOOD's ODIN by hand: sign(grad >= 0) of the tempered CE of the predicted class, divided
+    # by the input std (grey ImageNet normalisation: the mean of the three stds), T=1000, eps=0.0014
+    apply = lambda x: setup['model'].apply(setup['variables'], x)  # noqa: E731
+    std = np.mean([0.229, 0.224, 0.225])
+
+    def ce(x):
+        z = apply(x) / 1000.0
+        return -jnp.sum(jax.nn.log_softmax(z)[jnp.arange(len(x)), jnp.argmax(z, -1)])
+
+    x = setup['noise']
+    grad = np.asarray(jax.grad(ce)(x))
+    perturbed = x - 0.0014 * np.where(grad >= 0, 1.0, -1.0).astype(np.float32) / std
+    want = np_log_odds_msp(np.asarray(apply(perturbed), np.float64) / 1000.0)
+    saved = np.load(os.path.join(full_run[1], 'ood_scores.npz'))
+    np.testing.assert_allclose(saved['noise/odin'], want, rtol=1e-4, atol=1e-6)
+    assert full_run[0]['config']['odin_input_std'] == 'imagenet'
+
+
+def test_sharded_global_arrays_give_the_same_metrics(setup, full_run):
+    """The multi-host path (batch as a global array over 8 devices, outputs replicated back)
+    gives what the unsharded run gave, fitted scores included."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     mesh = Mesh(np.array(jax.devices()), ('data',))
+    scores = ('msp', 'odin', 'energy', 'mahalanobis', 'vim')
     m = ev.evaluate(apply_fn=setup['model'].apply, variables=setup['variables'], eval_sets=eval_sets(setup),
-                    scores=('msp', 'odin'), batch_sharding=NamedSharding(mesh, P('data')))
-    for key, value in full_run[0]['scores']['odin']['noise'].items():
-        assert m['scores']['odin']['noise'][key] == pytest.approx(value, abs=1e-6)
+                    fit_sets={'train': padded_source(*setup['train'])}, scores=scores,
+                    score_config=ev.ScoreConfig(vim_dim=2, odin_input_std='imagenet'),
+                    batch_sharding=NamedSharding(mesh, P('data')))
+    assert m['id_accuracy'] == full_run[0]['id_accuracy'] and m['num_images'] == full_run[0]['num_images']
+    for score in scores:
+        for row, values in full_run[0]['scores'][score].items():
+            for key, value in values.items():
+                assert m['scores'][score][row][key] == pytest.approx(value, abs=1e-6), (score, row, key)
+
+
+def test_only_process_zero_writes(setup, tmp_path, monkeypatch):
+    writer = RecordingWriter()
+    kw = dict(apply_fn=setup['model'].apply, variables=setup['variables'], eval_sets=eval_sets(setup),
+              scores=('msp',), writer=writer, plots=False)
+    monkeypatch.setattr(jax, 'process_index', lambda: 1)
+    other = ev.evaluate(workdir=str(tmp_path / 'p1'), **kw)
+    assert not (tmp_path / 'p1').exists() and not writer.scalars
+    monkeypatch.setattr(jax, 'process_index', lambda: 0)
+    main = ev.evaluate(workdir=str(tmp_path / 'p0'), **kw)
+    assert (tmp_path / 'p0' / 'ood_report.json').exists() and writer.scalars
+    assert other == main
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    """2 processes x 4 CPU devices (gloo), each feeding its part of every batch: both return the
+    metrics of one process reading everything, and only process 0 writes the report."""
+    import socket
+    import subprocess
+    import sys
+    import evaluate_worker
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu',
+           'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo',
+           'PYTHONPATH': os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'evaluate_worker.py')
+    procs = [subprocess.Popen([sys.executable, worker, str(i), '2', port, str(tmp_path)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()[-3000:]
+    got = [json.loads((tmp_path / f'metrics_{i}.json').read_text()) for i in range(2)]
+    want = evaluate_worker.run(0, 1)
+    assert got[0] == got[1]
+    assert got[0]['num_images'] == want['num_images'] == {'id_test': 45, 'fine': 27}
+    assert got[0]['id_accuracy'] == pytest.approx(want['id_accuracy'])
+    for score, rows in want['scores'].items():
+        for key, value in rows['fine'].items():
+            assert got[0]['scores'][score]['fine'][key] == pytest.approx(value, abs=1e-6), (score, key)
+    assert (tmp_path / 'report' / 'ood_report.json').exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['metrics_0.json', 'metrics_1.json', 'report']
 
 
 def test_invalid_calls_are_clear_errors(setup):
@@ -240,6 +325,8 @@ def test_invalid_calls_are_clear_errors(setup):
         ev.evaluate(eval_sets=sets + sets[1:2], scores=('msp',), **kw)
     with pytest.raises(ValueError, match='unknown'):
         ev.evaluate(eval_sets=sets, scores=('msp', 'softmax'), **kw)
+    with pytest.raises(ValueError, match='normalised'):
+        ev.evaluate(eval_sets=sets, scores=('msp', 'odin'), **kw)
     with pytest.raises(ValueError, match='fit_sets'):
         ev.evaluate(eval_sets=sets, scores=('msp', 'mahalanobis'), **kw)
     with pytest.raises(ValueError, match='kind'):

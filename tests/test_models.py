@@ -279,6 +279,9 @@ def test_bn_axis_name_averages_statistics_across_devices():
     ({'name': 'vit_b16'}, 'resnet18, resnet34, resnet50, small_cnn'),
     ({'name': 'resnet18', 'dtype': 'int8'}, 'float32, bfloat16'),
     ({'name': 'resnet18', 'width': 0}, 'positive integer'),
+    ({'name': 'resnet18', 'matmul_convs': 'yes'}, "True, False or 'auto'"),
+    ({'name': 'resnet18', 'matmul_convs': 1}, "True, False or 'auto'"),
+    ({'name': 'resnet18', 'matmul_convs': None}, "True, False or 'auto'"),
 ])
 def test_bad_config_raises_clear_error(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -294,7 +297,7 @@ def test_matmul_convs_compute_the_same_model():
     only: same parameter tree, same logits, features and gradients as lax convolutions.
     ResNet-50 at 64 px has 2x2 maps in its last stage, where the rewrite applies."""
     x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
-    plain = create_model(_config('resnet50', width=4), 7)
+    plain = create_model(_config('resnet50', width=4, matmul_convs=False), 7)
     fast = create_model(_config('resnet50', width=4, matmul_convs=True), 7)
     variables = _random_variables(plain, x)
     assert jax.tree.structure(jax.eval_shape(lambda: fast.init(jax.random.key(0), x))) == \
@@ -311,3 +314,40 @@ def test_matmul_convs_compute_the_same_model():
     np.testing.assert_allclose(f2, f1, rtol=1e-4, atol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g2), jax.tree.leaves(g1)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_matmul_convs_auto_means_the_cpu_backend(monkeypatch):
+    """'auto' (the default, and configs/default.py's value) turns the rewrite on where
+    jax.default_backend() is 'cpu' and off on any other backend; True/False are kept."""
+    from configs import default
+
+    assert jax.default_backend() == 'cpu'  # conftest: 8 CPU devices
+    assert default.get_config().model.matmul_convs == 'auto'
+    assert create_model({'name': 'resnet50'}, 3).matmul_convs is True
+    assert create_model(_config('resnet50', matmul_convs='auto'), 3).matmul_convs is True
+    assert create_model(_config('resnet50', matmul_convs=False), 3).matmul_convs is False
+    assert create_model(_config('resnet50', matmul_convs=np.bool_(True)), 3).matmul_convs is True
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    assert create_model(_config('resnet50', matmul_convs='auto'), 3).matmul_convs is False
+    assert create_model(_config('resnet50', matmul_convs=True), 3).matmul_convs is True
+
+
+def test_matmul_convs_auto_builds_the_rewritten_convolutions_on_cpu():
+    """Not just the flag: the lowered program of the 'auto' model on CPU has the rewrite's dots
+    in place of the 1x1 convolutions, the plain model has none."""
+    x = jnp.zeros((1, 32, 32, 3))
+
+    def ops(matmul_convs):
+        model = create_model(_config('resnet50', width=4, matmul_convs=matmul_convs), 3)
+        v = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+        text = jax.jit(lambda v: model.apply(v, x)).lower(v).as_text()
+        return text.count('stablehlo.convolution'), text.count('stablehlo.dot_general')
+
+    plain_convs, plain_dots = ops(False)
+    auto_convs, auto_dots = ops('auto')
+    # ResNet-50 has 53 convolutions, 36 of them 1x1 (16 blocks x 2 + 4 projections), and one dot
+    # (fc). At 32 px the maps are 8/8/4/2/1 px (stem, layer1-4): the 3x3 convolutions whose
+    # input or output map has fewer than 9 pixels are layer3's 6 (2x2 out) and layer4's 3 (1x1),
+    # so 'auto' on CPU keeps 53 - 36 - 9 = 8 convolutions and has 1 + 36 + 9 = 46 dots.
+    assert (plain_convs, plain_dots) == (53, 1)
+    assert (auto_convs, auto_dots) == (8, 46)

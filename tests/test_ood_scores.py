@@ -30,9 +30,17 @@ def data():
             'bias': rng.normal(0, 0.1, K).astype(np.float32), 'rng': rng}
 
 
+def np_log_odds_msp(z):
+    """log(p / (1 - p)) of the max softmax probability, float64, 1 - p as the others' sum."""
+    p = np_softmax(z)
+    is_top = np.eye(p.shape[1], dtype=bool)[p.argmax(-1)]
+    return np.log(p[is_top]) - np.log(np.where(is_top, 0.0, p).sum(-1))  # the others summed, not 1 - p
+
+
 def test_logit_scores(data):
     z = data['logits']
-    np.testing.assert_allclose(jax.jit(S.msp)(z), np_softmax(z).max(-1), rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(S.msp)(z), np_log_odds_msp(z), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.nn.sigmoid(S.msp(z)), np_softmax(z).max(-1), rtol=1e-5)
     np.testing.assert_allclose(S.max_logit(z), z.max(-1), rtol=1e-6)
     np.testing.assert_allclose(S.energy(z), np_logsumexp(z), rtol=1e-5)
     np.testing.assert_allclose(S.energy(z, 2.5), 2.5 * np_logsumexp(z / 2.5), rtol=1e-5)
@@ -45,6 +53,27 @@ def test_logit_scores(data):
     peaked, flat = np.array([[8.0, 0, 0, 0, 0]]), np.zeros((1, 5))
     for fn in (S.msp, S.max_logit, S.energy, S.gen):
         assert float(fn(peaked)[0]) > float(fn(flat)[0])
+    # two equal top logits: p = 1/2 of each, log-odds 0
+    np.testing.assert_allclose(S.msp(np.array([[3.0, 3.0, -50.0]])), [0.0], atol=1e-6)
+
+
+def test_softmax_scores_do_not_saturate_in_float32():
+    # margins of 18..60: a float32 softmax gives p = 1.0 exactly for every row, one big tie
+    margins = np.linspace(18.0, 60.0, 50)
+    z = np.zeros((50, 10), np.float32)
+    z[:, 3] = margins
+    z[:, 7] = -1.0
+    assert len(np.unique(np.asarray(jax.nn.softmax(z).max(-1)))) == 1  # the tie MSP used to give
+    got = np.asarray(S.msp(z))
+    assert len(np.unique(got)) == 50 and np.all(np.diff(got) > 0)  # ranks follow the margins
+    np.testing.assert_allclose(got, np_log_odds_msp(z), rtol=1e-5)
+    # GEN keeps 1 - p of the top class from the other logits: distinct, in margin order
+    gen = np.asarray(S.gen(z, 0.1, 100))
+    p = np_softmax(z)
+    is_top = np.eye(10, dtype=bool)[p.argmax(-1)]
+    one_minus = np.where(is_top, np.where(is_top, 0.0, p).sum(-1, keepdims=True), 1 - p)
+    np.testing.assert_allclose(gen, -(p ** 0.1 * one_minus ** 0.1).sum(-1), rtol=1e-4)
+    assert np.all(np.diff(gen) > 0)
 
 
 def test_kl_matching(data):
@@ -85,22 +114,39 @@ def test_odin_matches_a_hand_derived_gradient(data):
     b = rng.normal(size=5).astype(np.float32)
     logits_fn = lambda img: img.reshape(img.shape[0], -1) @ w + b  # noqa: E731
     T, eps = 10.0, 0.05
+    std = np.array([0.5, 1.0, 2.0], np.float32)
     flat = x.reshape(6, -1).astype(np.float64)
     z = flat @ w + b
     p = np_softmax(z / T)
     grad = (p - np.eye(5)[p.argmax(-1)]) @ w.T / T
-    x_new = flat - eps * np.sign(grad)
-    want = np_softmax((x_new @ w + b) / T).max(-1)
-    got = jax.jit(lambda im: S.odin(logits_fn, im, T, eps))(x)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    # the perturbation raises the tempered confidence, and rows do not interact
-    assert np.all(np.asarray(got) >= np_softmax(z / T).max(-1) - 1e-7)
-    np.testing.assert_allclose(S.odin(logits_fn, x[:2], T, eps), got[:2], rtol=1e-6)
-    # per-channel std divides the step (OpenOOD's normalised-input convention)
-    std = np.array([0.5, 1.0, 2.0], np.float32)
-    x_std = flat - eps * (np.sign(grad).reshape(6, 2, 2, 3) / std).reshape(6, -1)
-    want_std = np_softmax((x_std @ w + b) / T).max(-1)
-    np.testing.assert_allclose(S.odin(logits_fn, x, T, eps, input_std=std), want_std, rtol=1e-5)
+    sign = np.where(grad >= 0, 1.0, -1.0)  # OpenOOD: (grad >= 0) mapped to +1 / -1
+    step = (sign.reshape(6, 2, 2, 3) / std).reshape(6, -1)  # per channel (last axis), pixel units
+    want = np_log_odds_msp(((flat - eps * step) @ w + b) / T)
+    got = jax.jit(lambda im: S.odin(logits_fn, im, T, eps, input_std=std))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # the step raises the tempered confidence, and rows do not interact
+    assert np.all(np.asarray(got) >= np_log_odds_msp(z / T) - 1e-5)
+    np.testing.assert_allclose(S.odin(logits_fn, x[:2], T, eps, input_std=std), got[:2], rtol=1e-6)
+    with pytest.raises(ValueError, match='per channel'):
+        S.odin(logits_fn, x, T, eps, input_std=[0.5])
+
+
+def test_normalization_std_undoes_the_pipeline_normalisation():
+    import tensorflow as tf
+    import ml_collections
+    from lmoe_jax.data import preprocess
+    for normalize in preprocess.NORMALIZATIONS:
+        for channels in (1, 3):
+            t = preprocess.Transform(image_size=4, resize_size=None, channels=channels, normalize=normalize)
+            # a pixel step of 1 moves the normalised input by 1 / std per channel
+            step = preprocess._normalize(tf.ones([1, 1, channels]), t) - preprocess._normalize(
+                tf.zeros([1, 1, channels]), t)
+            np.testing.assert_allclose(1.0 / np.asarray(step).reshape(-1),
+                                       S.normalization_std(normalize, channels), rtol=1e-6)
+    cfg = ml_collections.ConfigDict({'normalize': 'imagenet', 'grayscale': False, 'image_size': 8})
+    assert S.normalization_std_from_config(cfg) == pytest.approx((0.229, 0.224, 0.225))
+    with pytest.raises(ValueError, match='normalize'):
+        S.normalization_std('cifar', 3)
 
 
 def _batches(arrays, size):

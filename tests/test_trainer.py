@@ -116,7 +116,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(data_dirs, uninterrupted, 
     workdir = str(tmp_path / 'preempted')
     proc = subprocess.Popen(cli(data_dirs, workdir, '--config.checkpoint_every_steps=100',
                                 '--config.eval_every_steps=100'),
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # wait until training is under way (first logged step), then preempt
     t0 = time.time()
     while time.time() - t0 < 240:
@@ -127,12 +127,16 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(data_dirs, uninterrupted, 
         time.sleep(0.05)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    t0 = time.time()
+    stdout, stderr = proc.communicate(timeout=120)
+    exit_seconds = time.time() - t0
     assert proc.returncode == 0, stderr.decode()[-3000:]
+    assert exit_seconds < 10, f'exited {exit_seconds:.1f} s after SIGTERM'  # a TPU VM gives ~30 s
     step, _ = final_params(workdir)  # a complete, restorable checkpoint
     assert 1 <= step <= 12
     if step < 12:
-        assert b'stopped at step' in stderr
+        assert f'stopped at step {step} on request; checkpoint step {step} is on disk'.encode() \
+            in stdout
     subprocess.run(cli(data_dirs, workdir, '--config.checkpoint_every_steps=100',
                        '--config.eval_every_steps=100'), env=env(), check=True,
                    capture_output=True, timeout=300)
@@ -225,9 +229,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dirs, tmp
     good_step, good_params = final_params(workdir)
     poisoned = tiny_config(data_dirs, num_train_steps=8, method='energy_oe',
                            **{'loss.m_in': float('nan')})
-    with pytest.raises(trainer.NonFiniteLossError, match=r'step 5: loss/energy, loss/total') as e:
+    with pytest.raises(trainer.NonFiniteLossError, match=r'step 5: loss/total = nan') as e:
         trainer.run(poisoned, workdir, 'train')
-    assert 'checkpoint (step 4) is intact' in str(e.value)
+    assert 'the latest checkpoint, step 4, was read back from disk and is finite' in str(e.value)
     step, params = final_params(workdir)
     assert step == good_step == 4
     assert_trees_equal(params, good_params)
@@ -242,16 +246,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _two_processes(data_dirs, workdir, steps):
+def _two_processes(data_dirs, workdir, steps, *extra):
+    """2 processes x 4 CPU devices (gloo, loopback coordinator); returns their stdouts."""
     port = _free_port()
     procs = [subprocess.Popen(
         cli(data_dirs, workdir, f'--config.num_train_steps={steps}', '--config.data.val_fraction=0.0',
-            f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'),
+            *extra, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+            f'--process_id={i}'),
         env=env(devices=4, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo'),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outs = []
     for p in procs:
-        _, err = p.communicate(timeout=400)
+        out, err = p.communicate(timeout=400)
         assert p.returncode == 0, err.decode()[-4000:]
+        outs.append(out.decode())
+    return outs
 
 
 def test_two_process_run_matches_one_process_with_eight_devices(data_dirs, tmp_path):
@@ -292,6 +301,50 @@ def test_two_process_run_matches_one_process_with_eight_devices(data_dirs, tmp_p
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5), params, ref)
 
 
+EVAL_SCORES = "('msp','energy','kl_matching','mahalanobis')"
+
+
+def test_two_process_train_and_eval_gives_the_one_process_report(data_dirs, tmp_path):
+    """--mode=train_and_eval on 2 processes with ID validation, a fine-grained and a coarse OOD
+    set: both return, process 0 alone prints the report, and its metrics equal those of one
+    process (8 devices) evaluating the same checkpoint, to 1e-6."""
+    import json
+    workdir = str(tmp_path / 'multi_eval')
+    outs = _two_processes(data_dirs, workdir, 8, '--config.data.val_fraction=0.2',
+                          f'--config.scores={EVAL_SCORES}', '--mode=train_and_eval')
+    assert 'OOD report of' in outs[0] and 'OOD report of' not in outs[1]
+    assert outs[1].strip() == '', outs[1]  # process 1 prints nothing
+    with open(os.path.join(workdir, 'ood_report.json')) as f:
+        multi = json.load(f)
+    assert set(multi['kinds'].values()) == {'id', 'fine_ood', 'coarse_ood'}
+    c = tiny_config(data_dirs, num_train_steps=8, scores=tuple(eval(EVAL_SCORES)),
+                    **{'data.val_fraction': 0.2})
+    single = trainer.evaluate_run(c, workdir)
+    assert multi['num_images'] == single['num_images']
+    assert multi['id_accuracy'] == pytest.approx(single['id_accuracy'], abs=1e-6)
+    for score, rows in single['scores'].items():
+        for row, values in rows.items():
+            for key, value in values.items():
+                assert multi['scores'][score][row][key] == pytest.approx(value, abs=1e-6), \
+                    (score, row, key)
+
+
+def test_two_process_eval_mode(data_dirs, tmp_path):
+    """--mode=eval alone on 2 processes (config read from the checkpoint) writes the report."""
+    workdir = str(tmp_path / 'multi_eval_only')
+    trainer.run(tiny_config(data_dirs, num_train_steps=4), workdir, 'train')
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'main.py'), f'--workdir={workdir}', '--mode=eval',
+         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+        env=env(devices=4, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo'),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err.decode()[-4000:]
+    assert os.path.getsize(os.path.join(workdir, 'ood_report.json')) > 0
+
+
 def test_cub_config_with_pretrained_weights_starts_from_them(tmp_path):
     """configs/cub.py (shrunk: ResNet-18 width 8, 16 px, mock data) with model.pretrained set:
     the initial state holds the file's backbone weights and BN statistics, a fresh head, and trains."""
@@ -323,3 +376,79 @@ def test_cub_config_with_pretrained_weights_starts_from_them(tmp_path):
         assert params['fc']['kernel'].shape == (64, 150)  # head re-initialised for 150 ID classes
         summary = trainer.run(c, str(tmp_path / 'cub'), 'train')
     assert summary['train']['steps'] == 2
+
+
+# ------------------------------------------------------------------ stages
+
+
+def test_stage_one_is_a_cross_entropy_baseline_whatever_the_loss_overrides(data_dirs):
+    from lmoe_jax import losses
+    c = tiny_config(data_dirs, baseline_epochs=1.0, **{'loss.consistency': 0.1,
+                                                       'loss.energy': 2.0, 'loss.mix': 'cutmix'})
+    stage = trainer.baseline_stage_config(c)
+    method = trainer.method_from_config(stage)
+    baseline = losses.get_method('baseline', {})
+    assert method == baseline
+    assert stage.method == 'baseline' and all(v is None for v in stage.loss.to_dict().values())
+    assert trainer.method_from_config(c).weights.consistency == 0.1  # stage 2 keeps them
+
+
+def test_stage_two_starts_from_the_best_stage_one_checkpoint(data_dirs, tmp_path):
+    """Two checkpoints with different weights; the one with higher validation accuracy is the
+    earlier one: init_from loads it, not the latest."""
+    c = tiny_config(data_dirs, num_train_steps=8)
+    base = str(tmp_path / 'base')
+    setup = trainer.make_setup(c)
+    state = trainer.initial_state(setup)
+    mngr = checkpoint.manager(base)
+    best = state.replace(step=state.step + 4, params=jax.tree.map(lambda x: x + 1.0, state.params))
+    latest = state.replace(step=state.step + 8, params=jax.tree.map(lambda x: x - 1.0, state.params))
+    config_dict = trainer.config_to_dict(c)
+    checkpoint.save(mngr, best, config_dict, val_accuracy=0.9, force=True)
+    checkpoint.save(mngr, latest, config_dict, val_accuracy=0.5, force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    loaded, step = checkpoint.load_variables_from(base, state, expect=trainer._identity(c))
+    assert step == 4
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b) + 1.0),
+                 loaded.params, state.params)
+
+
+def test_resume_does_not_need_the_imagenet_weights(data_dirs, tmp_path, monkeypatch):
+    """A resumed run (and a fine-tune) replaces every weight: it must not load ImageNet weights
+    (an offline VM resuming with a hub id in its config would fail for nothing)."""
+    from lmoe_jax.models import pretrained
+    workdir = str(tmp_path / 'resume_offline')
+    trainer.run(tiny_config(data_dirs, num_train_steps=4), workdir, 'train')
+
+    def offline(*args, **kwargs):
+        raise AssertionError('ImageNet weights were loaded on resume')
+    monkeypatch.setattr(pretrained, 'maybe_load_pretrained', offline)
+    c = tiny_config(data_dirs, num_train_steps=6, **{'model.pretrained': 'hub:some/offline-id'})
+    assert trainer.run(c, workdir, 'train')['train']['steps'] == 6
+    c2 = tiny_config(data_dirs, num_train_steps=2, init_from=workdir,
+                     **{'model.pretrained': 'hub:some/offline-id'})
+    assert trainer.run(c2, str(tmp_path / 'finetune'), 'train')['train']['steps'] == 2
+
+
+def test_one_compilation_per_stage(data_dirs, tmp_path):
+    """The train step compiles once per stage, across logging, checkpoint saves and validation."""
+    import logging as pylogging
+    compiled = []
+
+    class Catch(pylogging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if message.startswith('Compiling') and 'train_step' in message:
+                compiled.append(message)
+    handler = Catch()
+    pylogging.getLogger('jax').addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            c = tiny_config(data_dirs, baseline_epochs=0.2, num_train_steps=8,
+                            log_every_steps=1, eval_every_steps=2, checkpoint_every_steps=2,
+                            compilation_cache_dir='')
+            trainer.run(c, str(tmp_path / 'compiles'), 'train')
+    finally:
+        pylogging.getLogger('jax').removeHandler(handler)
+    assert len(compiled) == 2, compiled  # baseline stage, LMoE stage

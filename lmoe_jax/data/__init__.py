@@ -7,6 +7,7 @@ from lmoe_jax.data.splits import ClassSplit, class_split
 _LAZY = {
     'dataset_info': 'pipeline', 'train_stream': 'pipeline', 'eval_datasets': 'pipeline',
     'validation_datasets': 'pipeline', 'id_train_eval_dataset': 'pipeline',
+    'fine_ood_diagnostic_dataset': 'pipeline',
     'DatasetInfo': 'pipeline', 'EvalSet': 'pipeline', 'TrainStream': 'pipeline',
     'transform_from_config': 'pipeline',
     'DatasetNotReadyError': 'sources', 'DataConfigError': 'sources', 'open_builder': 'sources',

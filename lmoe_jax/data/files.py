@@ -7,23 +7,23 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import pickle
 import zlib
 
 import numpy as np
+from etils import epath
 
 
 class DataFileError(ValueError):
     """A data file exists but cannot be used as it is."""
 
 
-def read_maybe_gzip(path: str) -> bytes:
-    """All bytes of ``path``, gunzipped if it is gzip (by magic, not by name)."""
-    if not os.path.exists(path):
+def read_maybe_gzip(path: epath.PathLike) -> bytes:
+    """All bytes of ``path`` (local or gs://), gunzipped if it is gzip (by magic, not by name)."""
+    path = epath.Path(path)
+    if not path.exists():
         raise FileNotFoundError(f'{path} does not exist')
-    with open(path, 'rb') as f:
-        raw = f.read()
+    raw = path.read_bytes()
     if raw[:2] != b'\x1f\x8b':
         return raw
     try:
@@ -37,7 +37,7 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dt
                0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
 
 
-def read_idx(path: str) -> np.ndarray:
+def read_idx(path: epath.PathLike) -> np.ndarray:
     """An idx file (the MNIST format: 0, 0, dtype code, ndim, big-endian dims, data) as an array."""
     raw = read_maybe_gzip(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
@@ -90,7 +90,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         raise DataFileError(f'{self._source} is refused: it uses pickle persistent ids.')
 
 
-def load_array_pickle(path: str) -> np.ndarray:
+def load_array_pickle(path: epath.PathLike) -> np.ndarray:
     """A (gzipped) pickle that must hold exactly one numpy array, loaded without running code."""
     raw = read_maybe_gzip(path)
     try:

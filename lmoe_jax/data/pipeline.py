@@ -7,6 +7,10 @@ shuffles files and a buffer with seeds derived from (seed, 'id', p, e), keeps th
 seeds from (seed, 'ood', p, e) at every ID epoch (MixOE's random outlier offset per epoch) and
 repeats endlessly within it. So ``start_step=k`` rebuilds epoch ``k // steps_per_epoch`` and skips
 ``(k % steps_per_epoch) * B`` serialized examples of each stream *before* decoding.
+
+Model selection never sees the test's OOD classes: validation is held-out ID training images
+and held-out auxiliary outliers (``config.data.outlier_val_fraction``), which the outlier
+stream then never draws.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from lmoe_jax.data.sources import DataConfigError, _get
 from lmoe_jax.data.splits import ClassSplit, class_split
 
 AUTOTUNE = tf.data.AUTOTUNE
-EVAL_KINDS = ('id', 'fine_ood', 'coarse_ood')
+EVAL_KINDS = ('id', 'fine_ood', 'coarse_ood', 'ood')  # 'ood': held-out auxiliary outliers
 
 
 class DatasetInfo(NamedTuple):
@@ -53,7 +57,7 @@ class EvalSet(NamedTuple):
     """An evaluation set: ``batches()`` returns a fresh iterator of padded, masked numpy batches."""
 
     name: str
-    kind: str  # 'id' | 'fine_ood' | 'coarse_ood'
+    kind: str  # one of EVAL_KINDS
     batches: Callable[[], Iterator[dict]]
     num_examples: int  # over all processes
     num_batches: int  # per process (the same on every process)
@@ -139,6 +143,34 @@ def _id_data(cfg) -> _IdData:
     return _IdData(name, builder, split, train_split, val_split, spec.train_split, spec.test_split)
 
 
+@dataclasses.dataclass(frozen=True)
+class _OutlierData:
+    """The auxiliary outlier dataset split into what training sees and the held-out rest."""
+
+    name: str
+    builder: Any
+    train_split: str  # the outliers the train stream draws from
+    val_split: Optional[str]  # held out for model selection (never trained on), or None
+
+
+def _outlier_data(cfg) -> _OutlierData:
+    """config.data.outlier_val_fraction holds out the last share of each outlier split component
+    (TFDS stores examples in shuffled order, so a fixed random subset of a prepared dataset)."""
+    name = _get(cfg, 'outlier_dataset')
+    if not name:
+        raise DataConfigError('config.data.outlier_dataset is empty; name the outlier dataset.')
+    builder = sources.open_builder(name, cfg)
+    fraction = float(_get(cfg, 'outlier_val_fraction', 0.0) or 0.0)
+    if not 0.0 <= fraction < 1.0:
+        raise DataConfigError(f'config.data.outlier_val_fraction={fraction} must be in [0, 1).')
+    split = sources.spec(name).train_split
+    if fraction == 0:
+        return _OutlierData(name, builder, split, None)
+    return _OutlierData(name, builder,
+                        sources.slice_split(split, 1 - fraction, builder, keep_head=True),
+                        sources.slice_split(split, 1 - fraction, builder, keep_head=False))
+
+
 def _count(builder, split, keep: Callable[[np.ndarray], np.ndarray]) -> int:
     return int(np.sum(keep(sources.labels_of(builder, split))))
 
@@ -200,11 +232,9 @@ class TrainStream:
         self.info_train_sizes = sizes
         self.steps_per_epoch = DatasetInfo(
             '', 0, 0, self._id.split, (), sum(sizes), sizes).steps_per_epoch(self.batch_size)
-        ood_name = _get(data_config, 'outlier_dataset')
-        if not ood_name:
-            raise DataConfigError('config.data.outlier_dataset is empty; name the outlier dataset.')
-        self._ood_builder = sources.open_builder(ood_name, data_config)
-        self._ood_part = _parts(sources.spec(ood_name).train_split, self.process_count)[self.process_index]
+        outliers = _outlier_data(data_config)
+        self._ood_builder = outliers.builder
+        self._ood_part = _parts(outliers.train_split, self.process_count)[self.process_index]
         self._id_part = _parts(self._id.train_split, self.process_count)[self.process_index]
         self.skipped_images = 0
         self._cached = self._cached_sources() if _get(data_config, 'cache', False) else None
@@ -359,6 +389,15 @@ def _all(labels):
     return np.ones(np.shape(labels), bool)
 
 
+def _keep_all(label: tf.Tensor) -> tf.Tensor:
+    return tf.constant(True)
+
+
+def _ood_label(label: tf.Tensor) -> tf.Tensor:
+    """OOD sets carry label -1."""
+    return -tf.ones_like(label)
+
+
 def eval_datasets(data_config, *, batch_size: int, process_index: Optional[int] = None,
                   process_count: Optional[int] = None) -> list:
     """ID test, fine-grained OOD test (held-out classes) and every coarse OOD test set."""
@@ -368,7 +407,7 @@ def eval_datasets(data_config, *, batch_size: int, process_index: Optional[int] 
         _eval_set('id_test', 'id', data.builder, data.test_split, _np_is_id(data), data.is_id,
                   data.id_label, data_config, batch_size, p, n),
         _eval_set('fine_ood_test', 'fine_ood', data.builder, data.test_split, _np_is_ood(data),
-                  data.is_ood, lambda label: -tf.ones_like(label), data_config, batch_size, p, n),
+                  data.is_ood, _ood_label, data_config, batch_size, p, n),
     ]
     coarse = _get(data_config, 'coarse_ood', ()) or ()
     if isinstance(coarse, str):
@@ -380,8 +419,8 @@ def eval_datasets(data_config, *, batch_size: int, process_index: Optional[int] 
         split = sources.spec(name).test_split
         if _get(data_config, 'coarse_ood_subsample', False):
             split = _subsample(builder, split, sets[0].num_examples)
-        sets.append(_eval_set(name, 'coarse_ood', builder, split, _all, lambda l: tf.constant(True),
-                              lambda label: -tf.ones_like(label), data_config, batch_size, p, n))
+        sets.append(_eval_set(name, 'coarse_ood', builder, split, _all, _keep_all,
+                              _ood_label, data_config, batch_size, p, n))
     return sets
 
 
@@ -397,18 +436,33 @@ def _subsample(builder, split: str, size: int) -> str:
 
 def validation_datasets(data_config, *, batch_size: int, process_index: Optional[int] = None,
                         process_count: Optional[int] = None) -> list:
-    """Model-selection sets, never test images: 'id_val' (held-out ID training images, only when
-    config.data.val_fraction > 0) and 'fine_ood_val' (training images of the held-out classes)."""
+    """Model-selection sets, none of them from test images or from the held-out (test OOD)
+    classes: 'id_val' (held-out ID training images, when config.data.val_fraction > 0) and
+    'outlier_val' (kind 'ood': held-out auxiliary outliers the train stream never draws, when
+    config.data.outlier_val_fraction > 0)."""
     p, n = _process(process_index, process_count)
     data = _id_data(data_config)
     sets = []
     if data.val_split is not None:
         sets.append(_eval_set('id_val', 'id', data.builder, data.val_split, _np_is_id(data),
                               data.is_id, data.id_label, data_config, batch_size, p, n))
-    sets.append(_eval_set('fine_ood_val', 'fine_ood', data.builder, data.full_train_split,
-                          _np_is_ood(data), data.is_ood, lambda label: -tf.ones_like(label),
-                          data_config, batch_size, p, n))
+    outliers = _outlier_data(data_config)
+    if outliers.val_split is not None:
+        sets.append(_eval_set('outlier_val', 'ood', outliers.builder, outliers.val_split, _all,
+                              _keep_all, _ood_label, data_config, batch_size, p, n))
     return sets
+
+
+def fine_ood_diagnostic_dataset(data_config, *, batch_size: int,
+                                process_index: Optional[int] = None,
+                                process_count: Optional[int] = None) -> EvalSet:
+    """'fine_ood_diag': TRAINING images of the held-out classes, i.e. of the classes the test
+    calls OOD. A diagnostic to report apart; choosing anything with it leaks the test's OOD
+    classes into the choice, so it is not part of validation_datasets."""
+    p, n = _process(process_index, process_count)
+    data = _id_data(data_config)
+    return _eval_set('fine_ood_diag', 'fine_ood', data.builder, data.full_train_split,
+                     _np_is_ood(data), data.is_ood, _ood_label, data_config, batch_size, p, n)
 
 
 def id_train_eval_dataset(data_config, *, batch_size: int, process_index: Optional[int] = None,

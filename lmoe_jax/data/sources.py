@@ -1,21 +1,24 @@
 """Where each dataset comes from: its TFDS builder, splits, and a prepared-or-clear-error load.
 
 Every dataset reaches the pipelines through ``open_builder`` (prepares the project's offline
-builders on first use, wraps any failure in one message that names the dataset, the expected
-files and where to put them) and ``read`` (one process's part of a split, images left encoded so
-nothing is decoded before it is needed).
+builders on first use, checks that a prepared copy still matches its source files, wraps any
+failure in one message that names the dataset, the expected files and where to put them) and
+``read`` (one process's part of a split, images left encoded so nothing is decoded before it is
+needed).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
 
 from lmoe_jax.data import builders  # registers the project's builders with TFDS
+from lmoe_jax.data import provenance
 
 
 class DatasetNotReadyError(RuntimeError):
@@ -94,27 +97,61 @@ def _not_ready_message(name: str, builder, cfg, cause: BaseException) -> str:
             f'On a machine with internet run `tfds build {name} --data_dir={data_dir}` (or '
             f'`python -c "import tensorflow_datasets as tfds; tfds.builder(\'{name}\', '
             f'data_dir=\'{data_dir}\').download_and_prepare()"`) and copy the folder '
-            f'{os.path.join(str(data_dir), name)}/ here, keeping its version subfolder.')
+            f'{epath.Path(str(data_dir)) / name}/ here, keeping its version subfolder.')
         manual = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
         if manual:
             lines.append('Manual download instructions from TFDS:\n' + str(manual))
     return '\n'.join(lines)
 
 
+def _source_changed(name: str, builder, source: provenance.Source, cfg) -> Optional[str]:
+    """Why the prepared ``builder`` must be rebuilt from ``source``, or None to reuse it.
+
+    Raises DataConfigError when the configured source directory is missing files and is not
+    the one the prepared copy was built from: neither rebuilding nor reusing would be right.
+    """
+    recorded = provenance.read_record(builder)
+    if source.files is not None:  # the whole source is here: compare its content
+        if recorded is None:
+            return 'it has no record of the source it was built from'
+        changes = provenance.differences(recorded, provenance.fingerprint(source))
+        return '; '.join(changes) or None
+    knob = builders.SOURCE_DIR_KNOBS.get(name)
+    built_from = recorded['source'] if recorded else 'an unrecorded source'
+    if knob and _get(cfg, knob) and (recorded is None or recorded['source'] != source.location):
+        raise DataConfigError(
+            f"config.data.{knob}={_get(cfg, knob)} lacks {', '.join(source.missing)}, and the "
+            f"prepared '{name}' in {builder.data_dir} was built from {built_from}. Put the files "
+            f'there to rebuild from them, set config.data.{knob} back to '
+            f'{built_from if recorded else "the directory it was built from"} to use the prepared '
+            f'copy, or delete {builder.data_dir} and point config.data.{knob} at the files.')
+    logging.info("%s: source files not found here (%s missing); using the copy prepared in %s "
+                 'from %s.', name, ', '.join(source.missing), builder.data_dir, built_from)
+    return None
+
+
 def open_builder(name: str, cfg: Any) -> tfds.core.DatasetBuilder:
-    """The prepared TFDS builder of ``name`` (prepared now if possible), or one clear error."""
+    """The prepared TFDS builder of ``name`` (prepared now if possible), or one clear error.
+
+    A project builder whose prepared copy no longer matches its source files (another source
+    directory, a changed file, no record) is rebuilt with a warning; see provenance.py.
+    """
     kwargs = {'data_dir': _get(cfg, 'data_dir')}
     knob = builders.SOURCE_DIR_KNOBS.get(name)
     if knob:
         kwargs['source_dir'] = _get(cfg, knob)
     if name in MANUAL_DATASETS:
         kwargs['allow_download'] = bool(_get(cfg, 'download', True))
+        kwargs['manual_dir'] = _get(cfg, 'manual_dir')
     try:
         builder = tfds.builder(name, **kwargs)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DataConfigError(
             f"Unknown dataset '{name}': use a TFDS catalog name (e.g. caltech_birds2011, cars196) "
             f"or one of the project's builders {sorted(SPECS)}.") from e
+    source = builder.source() if hasattr(builder, 'source') and _would_download() else None
+    was_prepared = builder.is_prepared()
+    rebuild = _source_changed(name, builder, source, cfg) if source and was_prepared else None
     if name not in builders.OFFLINE_BUILDERS and name not in MANUAL_DATASETS \
             and not _get(cfg, 'download', True) and not builder.is_prepared():
         raise DatasetNotReadyError(_not_ready_message(
@@ -124,12 +161,24 @@ def open_builder(name: str, cfg: Any) -> tfds.core.DatasetBuilder:
             and not can_reach(DOWNLOAD_PROBE_HOST):
         raise DatasetNotReadyError(_not_ready_message(
             name, builder, cfg, RuntimeError(f'no network: cannot resolve {DOWNLOAD_PROBE_HOST}')))
-    manual_dir = _get(cfg, 'manual_dir')
-    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    if rebuild:
+        logging.warning("Rebuilding '%s' in %s from %s: %s.", name, builder.data_dir,
+                        source.location, rebuild)
+        # regenerate and re-extract (a replaced archive may sit at the old path); nothing to download
+        mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=_get(cfg, 'manual_dir') or None, download_mode=mode)
+    record = provenance.fingerprint(source) if source and (rebuild or not was_prepared) else None
     try:
         builder.download_and_prepare(download_config=download_config)  # no-op once prepared
     except Exception as e:  # noqa: BLE001 - every failure gets the same actionable message
         raise DatasetNotReadyError(_not_ready_message(name, builder, cfg, e)) from e
+    if record is not None and builder.is_prepared():
+        provenance.write_record(builder, record)
+    if rebuild:  # a fresh builder reads the new files' info; cached labels are stale
+        forget_labels(builder)
+        builder = tfds.builder(name, **kwargs)
     return builder
 
 
@@ -163,6 +212,12 @@ def read(builder, split, *, with_image: bool = True, shuffle_files: bool = False
 _LABEL_CACHE: dict = {}
 
 
+def forget_labels(builder) -> None:
+    """Drop the cached labels of a prepared dataset folder (after it was rebuilt)."""
+    for key in [k for k in _LABEL_CACHE if k[0] == str(builder.data_dir)]:
+        del _LABEL_CACHE[key]
+
+
 def labels_of(builder, split) -> np.ndarray:
     """All labels of a split (part) in read order, without touching the images.
 
@@ -170,7 +225,7 @@ def labels_of(builder, split) -> np.ndarray:
     """
     key = None
     if builder.is_prepared():  # never cache mocked or half-built data
-        key = (os.fspath(builder.data_dir), str(split))
+        key = (str(builder.data_dir), str(split))
         if key in _LABEL_CACHE:
             return _LABEL_CACHE[key]
     # The same features as the image reads (images left encoded): mocked data then agrees too.

@@ -1,11 +1,12 @@
-"""Convolutions as matrix products where XLA:CPU has no fast kernel (opt-in: model.matmul_convs).
+"""Convolutions as matrix products where XLA:CPU has no fast kernel (model.matmul_convs).
 
 Found by profiling the train step on CPU (docs/benchmarks.md): XLA swaps the operands of a
 convolution whose window has more pixels than its input (ResNet-50's 3x3 convolutions on the 2x2
 maps of its last stage at 64 px), and the swapped form runs in generic loops; XLA also computes
 the weight gradient of a 1x1 convolution as a convolution over the whole map. Written as matrix
 products they are 2.5-3.3x faster for ResNet-50 at 64 px on CPU. Same parameters, same numbers up
-to float summation order. Measured on CPU only, hence off by default.
+to float summation order. Measured on CPU only, hence on by default on the CPU backend only
+(``model.matmul_convs='auto'``).
 """
 from __future__ import annotations
 

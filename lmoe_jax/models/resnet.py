@@ -29,7 +29,7 @@ def _layers(dtype: Any, train: bool, bn_axis_name: str | None, matmul_convs: boo
     """Conv and BatchNorm constructors shared by every block (float32 params, `dtype` compute)."""
     conv = functools.partial(
         nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=CONV_INIT)
-    if matmul_convs:  # CPU speed-up, same parameters: see cpu_convs.py
+    if matmul_convs:  # CPU speed-up, same parameters: see cpu_convs.py (create_model resolves 'auto')
         conv = functools.partial(conv, conv_general_dilated=cpu_convs.matmul_conv)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,

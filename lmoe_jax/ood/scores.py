@@ -3,9 +3,10 @@
 Logit scores take logits ``[B, K]``; feature scores also take penultimate features
 ``[B, D]`` and statistics fitted on ID data (see ``lmoe_jax.ood.fitting``). ODIN needs the
 model itself because it perturbs the input along the gradient of its own confidence.
-All scores are computed in float32 whatever the dtype of the inputs.
+All scores are computed in float32 whatever the dtype of the inputs. MSP and ODIN report the
+log-odds of the max softmax probability (same ranking, no saturation at 1.0).
 """
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +22,27 @@ def _f32(x):
     return jnp.asarray(x, jnp.float32)
 
 
+def _max_and_rest(logits):
+    """(largest logit [B], log-sum-exp of the other logits [B]); a tie for the largest is kept
+    in the rest, so two equal top logits give a rest equal to the max."""
+    z = _f32(logits)
+    top = jnp.argmax(z, axis=-1)
+    rest = jnp.where(jax.nn.one_hot(top, z.shape[-1], dtype=bool), -jnp.inf, z)
+    return jnp.max(z, axis=-1), jax.nn.logsumexp(rest, axis=-1)
+
+
 def msp(logits):
-    """Maximum softmax probability (Hendrycks & Gimpel, 2017)."""
-    return jnp.max(jax.nn.softmax(_f32(logits), axis=-1), axis=-1)
+    """Maximum softmax probability (Hendrycks & Gimpel, 2017), reported as its log-odds.
+
+    Returns ``log(p / (1 - p))`` of ``p = max softmax``, computed as ``z_max - logsumexp(z_rest)``
+    so it never saturates: a float32 softmax rounds ``p`` to exactly 1.0 once the others sum below
+    ~6e-8, which ties confident images that the logits tell apart. Strictly increasing in ``p``
+    (``p = sigmoid(score)``), so rank-based metrics are those of MSP without the rounding of ``p``.
+    """
+    if _f32(logits).shape[-1] < 2:
+        return jnp.zeros(_f32(logits).shape[:-1], jnp.float32)  # one class: p = 1 for every image
+    top, rest = _max_and_rest(logits)
+    return top - rest
 
 
 def max_logit(logits):
@@ -39,12 +58,19 @@ def energy(logits, temperature: float = 1.0):
 def gen(logits, gamma: float = 0.1, top_m: int = 100):
     """Negative generalized entropy over the ``top_m`` largest probabilities (Liu et al., CVPR 2023).
 
-    ``-sum_j p_j^gamma (1 - p_j)^gamma``; a confident prediction has a small entropy.
+    ``-sum_j p_j^gamma (1 - p_j)^gamma``; a confident prediction has a small entropy. ``1 - p``
+    of the top class comes from the other logits (``log(1 - p_max) = lse(z_rest) - lse(z)``),
+    not from ``1 - p``, which is 0 once float32 rounds ``p`` to 1.
     """
-    probs = jax.nn.softmax(_f32(logits), axis=-1)
-    m = min(int(top_m), probs.shape[-1])
-    top = jax.lax.top_k(probs, m)[0]
-    return -jnp.sum(top ** gamma * (1.0 - top) ** gamma, axis=-1)
+    z = _f32(logits)
+    log_p = jax.nn.log_softmax(z, axis=-1)
+    m = min(int(top_m), z.shape[-1])
+    top_log_p = jax.lax.top_k(log_p, m)[0]
+    log_1m = jnp.log1p(-jnp.exp(top_log_p))  # accurate for p <= 1/2: every class but the top one
+    if z.shape[-1] > 1:
+        _, rest = _max_and_rest(z)
+        log_1m = log_1m.at[..., 0].set(rest - jax.nn.logsumexp(z, axis=-1))
+    return -jnp.sum(jnp.exp(gamma * (top_log_p + log_1m)), axis=-1)
 
 
 def kl_matching(logits, class_mean_probs):
@@ -96,15 +122,20 @@ def react(features, kernel, bias, threshold, temperature: float = 1.0):
 
 
 def odin(logits_fn: Callable[[Any], jax.Array], images, temperature: float = 1000.0,
-         epsilon: float = 0.0014, input_std: Optional[Sequence[float]] = None):
-    """ODIN (Liang et al., 2018): temperature-scaled MSP after a small step that raises it.
+         epsilon: float = 0.0014, *, input_std: Sequence[float]):
+    """ODIN (Liang et al., 2018) as OpenOOD computes it: MSP of ``z / T`` after a small input step.
 
-    ``logits_fn(images) -> logits``. The input moves by ``epsilon * sign(grad)`` (divided by the
-    per-channel ``input_std`` when images are normalised, as OpenOOD does) in the direction that
-    lowers the temperature-scaled cross-entropy of the predicted class. Examples are independent
-    in eval mode, so the gradient of the batch sum is the per-example gradient.
+    ``logits_fn(images) -> logits``; ``images`` [B, ..., C] as the model sees them. The step is
+    ``epsilon * s / input_std`` per channel, ``s = +1`` where the gradient of the tempered
+    cross-entropy of the predicted class is >= 0 and ``-1`` elsewhere, subtracted from the input:
+    dividing by the per-channel std of the input normalisation (see :func:`normalization_std`) makes
+    ``epsilon`` a step in pixel units. Returns the log-odds like :func:`msp`. Examples are
+    independent in eval mode, so the gradient of the batch sum is the per-example gradient.
     """
     images = _f32(images)
+    std = _f32(input_std)
+    if std.ndim != 1 or std.shape[0] != images.shape[-1]:
+        raise ValueError(f'input_std needs one value per channel ({images.shape[-1]}); got {input_std}.')
 
     def loss(x):
         scaled = _f32(logits_fn(x)) / temperature
@@ -112,8 +143,28 @@ def odin(logits_fn: Callable[[Any], jax.Array], images, temperature: float = 100
         log_p = jax.nn.log_softmax(scaled, axis=-1)
         return -jnp.sum(jnp.take_along_axis(log_p, pred[:, None], axis=-1))
 
-    step = jnp.sign(jax.grad(loss)(images))
-    if input_std is not None:
-        step = step / jnp.asarray(input_std, jnp.float32)
-    perturbed = images - epsilon * step
-    return msp(_f32(logits_fn(perturbed)) / temperature)
+    sign = jnp.where(jax.grad(loss)(images) >= 0, 1.0, -1.0)
+    return msp(_f32(logits_fn(images - epsilon * sign / std)) / temperature)
+
+
+def normalization_std(normalize: str, channels: int) -> Tuple[float, ...]:
+    """Per-channel std that the input pipeline divided images by (``config.data.normalize``).
+
+    'imagenet': ImageNet's std (grey images: their mean, as ``lmoe_jax.data.preprocess`` does);
+    'none': 1.0 (pixels in [0, 1]). This is ODIN's ``input_std``.
+    """
+    from lmoe_jax.data import preprocess  # imports TensorFlow: only when asked
+    if normalize not in preprocess.NORMALIZATIONS or channels not in (1, 3):
+        raise ValueError(f'normalize must be one of {preprocess.NORMALIZATIONS} and channels 1 or 3; '
+                         f'got {normalize!r}, {channels}.')
+    if normalize == 'none':
+        return (1.0,) * channels
+    std = tuple(float(s) for s in preprocess.IMAGENET_STD)
+    return std if channels == 3 else (sum(std) / 3.0,)
+
+
+def normalization_std_from_config(data_config) -> Tuple[float, ...]:
+    """:func:`normalization_std` of a run's ``config.data`` (its ``normalize`` and ``grayscale``)."""
+    from lmoe_jax.data import pipeline
+    transform = pipeline.transform_from_config(data_config)
+    return normalization_std(transform.normalize, transform.channels)

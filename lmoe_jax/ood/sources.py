@@ -1,7 +1,7 @@
 """Turn what users hold (EvalSets, numpy arrays, tf.data datasets) into one batch stream format.
 
 A *batch source* is a zero-argument callable returning a fresh iterator of numpy dicts
-``{'image': float32 [B, ...], 'label': int32 [B], 'mask': bool [B]}``; ``mask`` marks the real
+``{'image': float32 [B, ...], 'label': int32 [B] (-1: none), 'mask': bool [B]}``; ``mask`` marks the real
 rows of a padded batch. Every evaluation path consumes only that.
 """
 import dataclasses
@@ -28,7 +28,7 @@ def is_eval_set(obj: Any) -> bool:
     return all(hasattr(obj, a) for a in ('name', 'kind', 'batches'))
 
 
-def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
     if len(x) == size:
         return x
     pad = np.zeros((size - len(x),) + x.shape[1:], x.dtype)
@@ -41,7 +41,7 @@ def array_source(images, labels=None, batch_size: int = 256) -> BatchSource:
     if images.ndim < 2 or len(images) == 0:
         raise ValueError(f'images must be a non-empty array [N, ...]; got shape {images.shape}.')
     if labels is None:
-        labels = np.zeros(len(images), np.int32)
+        labels = np.full(len(images), -1, np.int32)  # unlabelled
     labels = np.asarray(labels).astype(np.int32).reshape(-1)
     if len(labels) != len(images):
         raise ValueError(f'{len(images)} images but {len(labels)} labels.')
@@ -52,8 +52,8 @@ def array_source(images, labels=None, batch_size: int = 256) -> BatchSource:
         for start in range(0, len(images), batch_size):
             img = images[start:start + batch_size]
             n = len(img)
-            yield {'image': _pad_rows(np.asarray(img, np.float32), batch_size),
-                   'label': _pad_rows(labels[start:start + batch_size], batch_size),
+            yield {'image': pad_rows(np.asarray(img, np.float32), batch_size),
+                   'label': pad_rows(labels[start:start + batch_size], batch_size),
                    'mask': np.arange(batch_size) < n}
     return batches
 
@@ -83,7 +83,7 @@ def tf_dataset_source(dataset, batch_size: int = 256) -> BatchSource:
                 image, label, mask = element, None, None
             n = len(image)
             yield {'image': np.asarray(image, np.float32),
-                   'label': np.zeros(n, np.int32) if label is None else np.asarray(label, np.int32),
+                   'label': np.full(n, -1, np.int32) if label is None else np.asarray(label, np.int32),
                    'mask': np.ones(n, bool) if mask is None else np.asarray(mask, bool)}
     return batches
 

@@ -7,11 +7,11 @@ rebuild numpy arrays, so a tampered file cannot run code. Exact duplicate images
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from lmoe_jax.data.builders.common import SourceDirBuilder
 from lmoe_jax.data.files import DataFileError, load_array_pickle
@@ -27,12 +27,12 @@ INSTALL_HINT = ('Install the wheel without its dependencies (it asks for the ful
                 'config.data.animal_mnist_dir.')
 
 
-def _wheel_data_dir() -> Optional[str]:
+def _wheel_data_dir() -> Optional[epath.Path]:
     """Where the installed wheel keeps its data files, found without importing it."""
     spec = importlib.util.find_spec('animal_mnist')
     if spec is None or not spec.submodule_search_locations:
         return None
-    return os.path.join(list(spec.submodule_search_locations)[0], 'data', 'Animal_MNIST')
+    return epath.Path(list(spec.submodule_search_locations)[0]) / 'data' / 'Animal_MNIST'
 
 
 def first_occurrences(images: np.ndarray) -> np.ndarray:
@@ -47,8 +47,9 @@ class AnimalMnist(SourceDirBuilder):
 
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'From the animal-mnist 0.4 wheel, exact duplicates dropped.'}
+    SOURCE_FILES = (DATA_FILE, LABEL_FILE)
 
-    def __init__(self, *, source_dir: Optional[str] = None, **kwargs):
+    def __init__(self, *, source_dir: Optional[epath.PathLike] = None, **kwargs):
         super().__init__(source_dir=source_dir or _wheel_data_dir(), **kwargs)
 
     def _info(self):

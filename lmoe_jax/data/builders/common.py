@@ -1,29 +1,36 @@
 """Shared pieces of the project's TFDS builders for the offline 28 px demo sets."""
 from __future__ import annotations
 
-import os
 from typing import Iterator, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
+
+from lmoe_jax.data import provenance
 
 
 class SourceDirBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """A builder that reads files from a local directory given at construction (no download).
+    """A builder that reads ``SOURCE_FILES`` from a local (or gs://) directory; no download.
 
-    ``source_dir=None`` means the class's ``DEFAULT_SOURCE_DIR``. The directory only matters when
-    the dataset is prepared; a prepared dataset is read from ``data_dir`` alone.
+    ``source_dir=None`` means the class's ``DEFAULT_SOURCE_DIR``. The files are read when the
+    dataset is prepared; ``source()`` lets ``sources.open_builder`` check later that a prepared
+    copy still matches them (provenance.py).
     """
 
     DEFAULT_SOURCE_DIR: Optional[str] = None
+    SOURCE_FILES: tuple = ()
 
-    def __init__(self, *, source_dir: Optional[str] = None, **kwargs):
+    def __init__(self, *, source_dir: Optional[epath.PathLike] = None, **kwargs):
         self.source_dir = source_dir or self.DEFAULT_SOURCE_DIR
         super().__init__(**kwargs)
 
-    def _source_path(self, filename: str, what: str) -> str:
-        path = os.path.join(self.source_dir or '', filename)
-        if not os.path.exists(path):
+    def source(self) -> provenance.Source:
+        return provenance.source_in(self.source_dir, self.SOURCE_FILES)
+
+    def _source_path(self, filename: str, what: str) -> epath.Path:
+        path = epath.Path(self.source_dir or '.') / filename
+        if not self.source_dir or not path.exists():
             raise FileNotFoundError(
                 f'{self.name}: missing {path}. {what} '
                 f'Then run again (or pass another directory as source_dir).')

@@ -6,11 +6,17 @@ the way MNIST centres its 20x20 digits.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
+from lmoe_jax.data import provenance
 from lmoe_jax.data.builders.common import image_examples
+
+SKLEARN_FILE = 'digits.csv.gz'  # what load_digits reads, in sklearn/datasets/data/
 
 
 def digits_to_28px(digits_8x8: np.ndarray) -> np.ndarray:
@@ -27,6 +33,14 @@ class Digits28(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'sklearn load_digits, 20x20 bilinear in a 28x28 frame.'}
+
+    def source(self) -> provenance.Source:
+        """scikit-learn's bundled digits file: a new scikit-learn with other data is noticed."""
+        spec = importlib.util.find_spec('sklearn')  # found without importing scikit-learn
+        directory = None
+        if spec is not None and spec.submodule_search_locations:
+            directory = epath.Path(list(spec.submodule_search_locations)[0]) / 'datasets' / 'data'
+        return provenance.source_in(directory, (SKLEARN_FILE,))
 
     def _info(self):
         return self.dataset_info_from_configs(

@@ -30,6 +30,7 @@ class FashionMnistIdx(SourceDirBuilder):
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'Read from local idx files.'}
     DEFAULT_SOURCE_DIR = '/usr/share/datasets/fashion-mnist'
+    SOURCE_FILES = tuple(name for pair in FILES.values() for name in pair)
 
     def _info(self):
         return self.dataset_info_from_configs(

@@ -8,12 +8,14 @@ MixOE benchmark code, which does not crop it).
 """
 from __future__ import annotations
 
-import os
+from typing import Optional
 
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 from PIL import Image
 
+from lmoe_jax.data import provenance
 from lmoe_jax.data.files import DataFileError
 
 URL = 'https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz'
@@ -31,29 +33,38 @@ Download the official archive {ARCHIVE} (2.6 GiB) from
 """
 
 
-def read_variant_list(path: str) -> list[tuple[str, str]]:
+def read_variant_list(path: epath.PathLike) -> list[tuple[str, str]]:
     """(image id, variant) pairs of an ``images_variant_*.txt`` file (variants may hold spaces)."""
     pairs = []
-    with open(path, encoding='utf-8') as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            image_id, sep, variant = line.partition(' ')
-            if not sep or not variant.strip():
-                raise DataFileError(f'{path}:{line_no} must read "<image id> <variant>", got {line!r}.')
-            pairs.append((image_id, variant.strip()))
+    for line_no, line in enumerate(epath.Path(path).read_text(encoding='utf-8').splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        image_id, sep, variant = line.partition(' ')
+        if not sep or not variant.strip():
+            raise DataFileError(f'{path}:{line_no} must read "<image id> <variant>", got {line!r}.')
+        pairs.append((image_id, variant.strip()))
     return pairs
 
 
-def is_readable_image(path: str) -> bool:
+def is_readable_image(path: epath.PathLike) -> bool:
     """Whether PIL can fully decode ``path`` (a truncated or corrupt JPEG is not)."""
     try:
-        with Image.open(path) as image:
+        with epath.Path(path).open('rb') as f, Image.open(f) as image:
             image.load()
         return True
     except (OSError, SyntaxError, ValueError):
         return False
+
+
+def files_under(root: epath.Path) -> dict:
+    """Every file below ``root``, by its path relative to ``root`` (sorted)."""
+    out = {}
+    for directory, _, names in root.walk():
+        for name in names:
+            path = epath.Path(directory) / name
+            out[str(path.relative_to(root))] = path
+    return dict(sorted(out.items()))
 
 
 class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
@@ -63,9 +74,29 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {'1.0.0': 'Variant level, trainval/test, original JPEG bytes.'}
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS
 
-    def __init__(self, *, allow_download: bool = True, **kwargs):
+    def __init__(self, *, allow_download: bool = True,
+                 manual_dir: Optional[epath.PathLike] = None, **kwargs):
         self.allow_download = allow_download
+        self._manual_dir = manual_dir
         super().__init__(**kwargs)
+
+    @property
+    def manual_root(self) -> epath.Path:
+        """The manual directory: the one given, else TFDS's default <data_dir>/downloads/manual."""
+        if self._manual_dir:
+            return epath.Path(self._manual_dir)
+        return epath.Path(self.data_dir_root) / 'downloads' / 'manual'
+
+    def source(self) -> provenance.Source:
+        """The archive (or its extracted folder) in the manual directory; else the URL, unchecked."""
+        root = self.manual_root
+        if (root / ARCHIVE).is_file():
+            return provenance.source_in(root, (ARCHIVE,))
+        data = root / FOLDER / 'data'
+        if data.is_dir():
+            files = {f'{FOLDER}/data/{name}': path for name, path in files_under(data).items()}
+            return provenance.Source(provenance.resolved(root), files)
+        return provenance.Source(URL, None, (ARCHIVE,))
 
     def _info(self):
         return self.dataset_info_from_configs(
@@ -81,39 +112,37 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        data_dir = os.path.join(self._locate_root(dl_manager), FOLDER, 'data')
-        variants_path = os.path.join(data_dir, 'variants.txt')
-        if not os.path.exists(variants_path):
+        data_dir = self._locate_root(dl_manager) / FOLDER / 'data'
+        variants_path = data_dir / 'variants.txt'
+        if not variants_path.exists():
             raise FileNotFoundError(
                 f'fgvc_aircraft: {variants_path} is missing; the archive is incomplete.\n'
                 + MANUAL_INSTRUCTIONS)
-        with open(variants_path, encoding='utf-8') as f:
-            variants = [v.strip() for v in f if v.strip()]
+        variants = [v.strip() for v in variants_path.read_text(encoding='utf-8').splitlines()
+                    if v.strip()]
         if len(variants) != 100 or len(set(variants)) != 100:
             raise DataFileError(f'{variants_path} must list 100 distinct variants, found {len(variants)}.')
         index = {v: i for i, v in enumerate(variants)}
         splits = {}
         for split, list_name in SPLIT_FILES.items():
-            list_path = os.path.join(data_dir, list_name)
-            if not os.path.exists(list_path):
+            list_path = data_dir / list_name
+            if not list_path.exists():
                 raise FileNotFoundError(f'fgvc_aircraft: {list_path} is missing.\n' + MANUAL_INSTRUCTIONS)
             pairs = read_variant_list(list_path)
             unknown = sorted({v for _, v in pairs if v not in index})
             if unknown:
                 raise DataFileError(f'{list_path} names variants not in variants.txt: {unknown[:5]}.')
-            splits[split] = (pairs, os.path.join(data_dir, 'images'))
+            splits[split] = (pairs, data_dir / 'images')
         return {split: self._generate_examples(pairs, image_dir, index)
                 for split, (pairs, image_dir) in splits.items()}
 
-    def _locate_root(self, dl_manager) -> str:
+    def _locate_root(self, dl_manager) -> epath.Path:
         """Folder that holds ``fgvc-aircraft-2013b/``: manual dir first, else download by URL."""
-        manual = getattr(dl_manager, '_manual_dir', None)
-        if manual and os.path.isdir(os.fspath(manual)):
-            manual = os.fspath(manual)
-            if os.path.isdir(os.path.join(manual, FOLDER)):
-                return manual
-            if os.path.exists(os.path.join(manual, ARCHIVE)):
-                return os.fspath(dl_manager.extract(os.path.join(manual, ARCHIVE)))
+        manual = self.manual_root
+        if (manual / FOLDER).is_dir():
+            return manual
+        if (manual / ARCHIVE).exists():
+            return epath.Path(dl_manager.extract(manual / ARCHIVE))
         if not self.allow_download:
             raise FileNotFoundError(
                 f'fgvc_aircraft: no {ARCHIVE} or {FOLDER}/ in the manual directory {manual} and '
@@ -124,7 +153,7 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
                 f'fgvc_aircraft: no {ARCHIVE} or {FOLDER}/ in the manual directory {manual} and no '
                 'network to download it.\n' + MANUAL_INSTRUCTIONS)
         try:
-            return os.fspath(dl_manager.download_and_extract(URL))
+            return epath.Path(dl_manager.download_and_extract(URL))
         except Exception as e:  # noqa: BLE001 - any download failure gets the manual route
             raise FileNotFoundError(
                 f'fgvc_aircraft is not prepared and could not be downloaded ({type(e).__name__}: '
@@ -133,8 +162,8 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, pairs, image_dir, index):
         skipped = 0
         for image_id, variant in pairs:
-            path = os.path.join(image_dir, f'{image_id}.jpg')
-            if not os.path.exists(path):
+            path = image_dir / f'{image_id}.jpg'
+            if not path.exists():
                 raise FileNotFoundError(
                     f'fgvc_aircraft: {path} is listed but missing; the archive is incomplete.\n'
                     + MANUAL_INSTRUCTIONS)
@@ -142,7 +171,7 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
                 skipped += 1
                 logging.warning('fgvc_aircraft: skipping corrupt image %s', path)
                 continue
-            yield image_id, {'image': path, 'label': index[variant], 'variant': variant,
+            yield image_id, {'image': str(path), 'label': index[variant], 'variant': variant,
                              'image/filename': f'{image_id}.jpg'}
         if skipped:
             logging.warning('fgvc_aircraft: skipped %d corrupt images in %s', skipped, image_dir)
