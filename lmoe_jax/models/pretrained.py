@@ -1,6 +1,7 @@
 """Import torchvision-layout ImageNet ResNet weights into the Flax variables of `create_model`.
 
-Sources (`config.model.pretrained`):
+Sources (`config.model.pretrained`; files and directories may be local or gs:// URLs, read
+through etils.epath):
   * a `.safetensors` file (read with numpy; no torch needed), e.g. timm's `resnet50.tv_in1k`,
     which holds torchvision's original weights under torchvision's key names;
   * a torchvision `.pth`/`.pt` file (needs torch; read with `weights_only=True`, never a
@@ -17,12 +18,16 @@ freshly initialised variables (re-initialised for the ID class count) unless `ke
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
+import tempfile
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 HUB_FILENAME = 'model.safetensors'
@@ -141,39 +146,56 @@ def assign_state_dict(variables: Mapping[str, Any], state: Mapping[str, np.ndarr
 
 def read_state_dict(source: str) -> dict[str, np.ndarray]:
     """Numpy arrays under torchvision keys from a file, a directory or a hub id."""
-    source = os.path.expanduser(str(source))
-    if os.path.isdir(source):
-        path = os.path.join(source, HUB_FILENAME)
-        if not os.path.isfile(path):
+    source = os.path.expanduser(str(source))  # a string operation; the I/O goes through epath
+    path = None if source.startswith(('hf-hub:', 'hf://')) else epath.Path(source)
+    if path is not None and path.is_dir():
+        path = path / HUB_FILENAME
+        if not path.is_file():
             raise FileNotFoundError(
                 f"Pretrained weights directory {source!r} has no {HUB_FILENAME}; set "
                 "config.model.pretrained to the .safetensors or .pth file itself.")
         return _read_safetensors(path)
-    if os.path.isfile(source):
+    if path is not None and path.is_file():
         if source.endswith('.safetensors'):
-            return _read_safetensors(source)
+            return _read_safetensors(path)
         if source.endswith(TORCH_SUFFIXES):
-            return _read_torch(source)
+            return _read_torch(path)
         raise PretrainedUnavailableError(
             f"Cannot tell the format of {source!r}: name it *.safetensors or *.pth "
             "(a torchvision state_dict).")
     hub = _HUB_ID.match(source)
     looks_like_file = source.endswith(('.safetensors',) + TORCH_SUFFIXES) or source.startswith(
-        ('/', './', '../'))
+        ('/', './', '../', 'gs://'))
     if hub is None or looks_like_file:
         raise FileNotFoundError(
             f"Pretrained weights file {source!r} does not exist. Download it first (see "
             "docs/models.md: `bash scripts/get_pretrained.sh resnet50 DIR`) and set "
             "config.model.pretrained to its path, or to a hub id like timm/resnet50.tv_in1k.")
-    return _read_safetensors(_hub_download(hub.group(1)))
+    return _read_safetensors(epath.Path(_hub_download(hub.group(1))))
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+def _read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
-    try:
-        return dict(load_file(path))
-    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
-        raise _unreadable(path, e) from e
+    with _local_file(path) as local:
+        try:
+            return dict(load_file(local))
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+            raise _unreadable(str(path), e) from e
+
+
+@contextlib.contextmanager
+def _local_file(path: epath.Path):
+    """A local filename for `path`: itself, or a temporary copy of a gs:// (any URL) file.
+
+    safetensors reads every dtype (bfloat16 included) only from a named local file, and
+    `load_file` copies the arrays out, so the temporary copy can go as soon as it returns."""
+    if '://' not in str(path):
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = epath.Path(tmp) / path.name
+        path.copy(local)
+        yield str(local)
 
 
 def _unreadable(path: str, error: Exception) -> PretrainedUnavailableError:
@@ -183,25 +205,27 @@ def _unreadable(path: str, error: Exception) -> PretrainedUnavailableError:
         "(bash scripts/get_pretrained.sh, see docs/models.md).")
 
 
-def _read_torch(path: str) -> dict[str, np.ndarray]:
+def _read_torch(path: epath.Path) -> dict[str, np.ndarray]:
+    name = str(path)
     try:
         import torch
     except ImportError as e:
         raise PretrainedUnavailableError(
-            f"Reading {path!r} needs torch, which is not installed. Pass the same weights as "
+            f"Reading {name!r} needs torch, which is not installed. Pass the same weights as "
             ".safetensors instead (e.g. the hub id timm/resnet50.tv_in1k, see docs/models.md), "
             "or convert once where torch exists: python -c \"import torch, safetensors.torch as s;"
-            f" s.save_file(torch.load('{path}', weights_only=True), 'weights.safetensors')\""
+            f" s.save_file(torch.load('{name}', weights_only=True), 'weights.safetensors')\""
         ) from e
+    data = io.BytesIO(path.read_bytes())
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
+        obj = torch.load(data, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001  (unpickling errors of all kinds)
-        raise _unreadable(path, e) from e
+        raise _unreadable(name, e) from e
     for wrapper in ('state_dict', 'model'):  # training checkpoints nest the state dict
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state_dict; save "
+        raise ValueError(f"{name!r} holds a {type(obj).__name__}, not a state_dict; save "
                          "model.state_dict() instead of the model object.")
     return {k: v.detach().float().cpu().numpy() for k, v in obj.items() if torch.is_tensor(v)}
 

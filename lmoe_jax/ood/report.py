@@ -2,15 +2,16 @@
 
 Everything here reads the metrics dict built by ``lmoe_jax.evaluate`` (fractions in [0, 1]);
 tables show percentages like the papers do. Files are written to a temporary name and then
-renamed, so a crash never leaves half a report behind.
+renamed, so a crash never leaves half a report behind. All file I/O goes through
+``etils.epath``, so ``workdir`` may be a local folder or a ``gs://`` URL.
 """
 import csv
 import io
 import json
-import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from etils import epath
 
 # (metrics key, table header); lower is better only for FPR.
 COLUMNS: Tuple[Tuple[str, str], ...] = (
@@ -105,11 +106,24 @@ def csv_report(metrics: Mapping[str, Any]) -> str:
     return out.getvalue()
 
 
-def _atomic_write(path: str, data, mode: str = 'w'):
-    tmp = path + '.tmp'
-    with open(tmp, mode) as f:
-        f.write(data)
-    os.replace(tmp, path)
+def _atomic_write(path: epath.Path, data) -> None:
+    """Write ``data`` (str or bytes) to ``path.tmp``, then rename it over ``path``.
+
+    Locally the rename is atomic. On gs:// it is a copy then a delete, and an object only
+    becomes visible once its upload is complete, so a reader never sees half a file there either.
+    """
+    tmp = path.parent / (path.name + '.tmp')
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    tmp.replace(path)
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    _plt().imsave(buffer, pixels, format='png')
+    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------- plots
@@ -171,8 +185,8 @@ def write_plots(workdir: str, id_name: str, set_scores: Mapping[str, Mapping[str
                 score_names: Sequence[str]) -> Dict[str, np.ndarray]:
     """PNG histogram and ROC per score under ``workdir/ood_plots``; returns their RGB arrays."""
     plt = _plt()
-    plot_dir = os.path.join(workdir, 'ood_plots')
-    os.makedirs(plot_dir, exist_ok=True)
+    plot_dir = epath.Path(workdir) / 'ood_plots'
+    plot_dir.mkdir(parents=True, exist_ok=True)
     images = {}
     for score in ordered_scores(list(score_names)):
         id_values = set_scores[id_name][score]
@@ -181,9 +195,7 @@ def write_plots(workdir: str, id_name: str, set_scores: Mapping[str, Mapping[str
                           ('roc', roc_figure(score, id_values, ood))):
             pixels = figure_to_array(fig)  # rendered once, for the file and the writer
             plt.close(fig)
-            path = os.path.join(plot_dir, f'{score}_{kind}.png')
-            plt.imsave(path + '.tmp.png', pixels)
-            os.replace(path + '.tmp.png', path)
+            _atomic_write(plot_dir / f'{score}_{kind}.png', _png_bytes(pixels))
             images[f'ood/{score}/{kind}'] = pixels
     return images
 
@@ -209,28 +221,28 @@ def write_report(workdir: str, metrics: Mapping[str, Any],
     """Write ood_report.{json,md,csv}, ood_scores.npz and PNG plots; feed ``writer`` if given.
 
     ``writer``: any CLU ``MetricWriter``-like object (``write_scalars``/``write_images``/
-    ``write_texts``). Returns the paths written.
+    ``write_texts``). ``workdir``: a local folder or a gs:// URL. Returns the paths written.
     """
-    os.makedirs(workdir, exist_ok=True)
-    paths = {'json': os.path.join(workdir, 'ood_report.json'),
-             'markdown': os.path.join(workdir, 'ood_report.md'),
-             'csv': os.path.join(workdir, 'ood_report.csv')}
+    root = epath.Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {'json': root / 'ood_report.json', 'markdown': root / 'ood_report.md',
+             'csv': root / 'ood_report.csv'}
     _atomic_write(paths['json'], json.dumps(metrics, indent=2, sort_keys=False) + '\n')
     _atomic_write(paths['markdown'], markdown_report(metrics) + '\n')
     _atomic_write(paths['csv'], csv_report(metrics))
     images = {}
     if set_scores is not None:
-        paths['scores'] = os.path.join(workdir, 'ood_scores.npz')
+        paths['scores'] = root / 'ood_scores.npz'
         flat = {f'{name}/{score}': np.asarray(v) for name, s in set_scores.items() for score, v in s.items()}
-        tmp = paths['scores'] + '.tmp.npz'
-        np.savez_compressed(tmp, **flat)
-        os.replace(tmp, paths['scores'])
+        buffer = io.BytesIO()  # np.savez wants a seekable file; a gs:// object is not one
+        np.savez_compressed(buffer, **flat)
+        _atomic_write(paths['scores'], buffer.getvalue())
         if plots:
             images = write_plots(workdir, metrics['id_set'], set_scores, list(metrics['scores']))
-            paths['plots'] = os.path.join(workdir, 'ood_plots')
+            paths['plots'] = root / 'ood_plots'
     if writer is not None:
         send_to_writer(writer, metrics, images, step)
-    return paths
+    return {kind: str(path) for kind, path in paths.items()}
 
 
 def send_to_writer(writer, metrics: Mapping[str, Any], images: Mapping[str, np.ndarray], step: int = 0):
