@@ -264,36 +264,35 @@ def _two_processes(data_dirs, workdir, steps, *extra):
     return outs
 
 
+SMALL_LR = 0.005  # keeps 12 steps out of the chaotic regime; see the assertion below
+
+
 def test_two_process_run_matches_one_process_with_eight_devices(data_dirs, tmp_path):
     """2 processes x 4 CPU devices (gloo): each reads its own half of every global batch, they
     save at step 6 and restore together to reach 12; one process with 8 devices fed the same
     global batches (the two halves concatenated) ends with the same parameters."""
     workdir = str(tmp_path / 'multi')
-    _two_processes(data_dirs, workdir, 6)
+    _two_processes(data_dirs, workdir, 6, f'--config.learning_rate={SMALL_LR}')
     assert final_params(workdir)[0] == 6
-    _two_processes(data_dirs, workdir, 12)  # restores the step-6 checkpoint on both processes
+    _two_processes(data_dirs, workdir, 12, f'--config.learning_rate={SMALL_LR}')  # restores the step-6 checkpoint on both processes
     step, params = final_params(workdir)
     assert step == 12
 
-    ref8, ref4 = (_replay_one_process(data_dirs, devices) for devices in (8, 4))
-    # Same computation, other summation order: after 12 steps at lr 0.05 the order alone moves
-    # parameters by up to ~5e-4 (one process, 8 vs 4 devices, measured here as `spread`). The
-    # two-process run (4 + 4 devices, gloo) must sit as close to one 8-device process as that.
-    spread = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(ref8),
-                                                              jax.tree.leaves(ref4)))
-    worst = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(params),
-                                                             jax.tree.leaves(ref8)))
-    assert 0 < spread < 2e-3
-    assert worst <= 2 * spread, (worst, spread)
+    ref = _replay_one_process(data_dirs, devices=8)
+    # Same computation, other summation order (gloo across processes). At lr 0.05 a ReLU that
+    # flips on a 1e-7 difference turns it into ~1e-3 within 12 steps (seen both with and without
+    # the step's interleaving); at lr 0.005 the runs agree to ~1e-6.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5), params, ref)
 
 
-def _replay_one_process(data_dirs, num_devices):
+def _replay_one_process(data_dirs, devices):
     """The two-process run replayed in this process on ``num_devices`` devices: the same global
     batches (the two halves concatenated), a 6-step schedule for the first half, then 12."""
     from lmoe_jax import data, parallel
-    c = tiny_config(data_dirs, num_train_steps=12, **{'data.val_fraction': 0.0})
+    c = tiny_config(data_dirs, num_train_steps=12, learning_rate=SMALL_LR,
+                    **{'data.val_fraction': 0.0})
     setup = dataclasses.replace(trainer.make_setup(c),
-                                mesh=parallel.make_mesh(jax.devices()[:num_devices]))
+                                mesh=parallel.make_mesh(jax.devices()[:devices]))
     streams = [data.train_stream(c.data, batch_size=8, seed=0, process_index=i, process_count=2)
                for i in range(2)]
     rng = parallel.replicate(jax.random.fold_in(jax.random.key(0), 1), setup.mesh)
@@ -325,7 +324,7 @@ def test_two_process_train_and_eval_gives_the_one_process_report(data_dirs, tmp_
     outs = _two_processes(data_dirs, workdir, 8, '--config.data.val_fraction=0.2',
                           f'--config.scores={EVAL_SCORES}', '--mode=train_and_eval')
     assert 'OOD report of' in outs[0] and 'OOD report of' not in outs[1]
-    assert outs[1].strip() == '', outs[1]  # process 1 prints nothing
+    assert '[lmoe]' not in outs[1] and '[eval]' not in outs[1], outs[1]  # process 0 alone talks
     with open(os.path.join(workdir, 'ood_report.json')) as f:
         multi = json.load(f)
     assert set(multi['kinds'].values()) == {'id', 'fine_ood', 'coarse_ood'}
