@@ -15,10 +15,10 @@ from etils import epath
 
 # (metrics key, table header); lower is better only for FPR.
 COLUMNS: Tuple[Tuple[str, str], ...] = (
-    ('openood_fpr95', 'FPR@95TPR (OOD+) ↓'),
-    ('openood_auroc', 'AUROC ↑'),
-    ('openood_aupr_in', 'AUPR-In ↑'),
-    ('openood_aupr_out', 'AUPR-Out ↑'),
+    ('openood_fpr95', 'OpenOOD FPR@95TPR (OOD+) ↓'),
+    ('openood_auroc', 'OpenOOD AUROC ↑'),
+    ('openood_aupr_in', 'OpenOOD AUPR-In ↑'),
+    ('openood_aupr_out', 'OpenOOD AUPR-Out ↑'),
     ('mixoe_tnr95', 'MixOE TNR@95TPR (ID+) ↑'),
     ('mixoe_auroc', 'MixOE AUROC ↑'),
     ('mixoe_aupr_in', 'MixOE AUPR-In ↑'),
@@ -82,9 +82,13 @@ def markdown_report(metrics: Mapping[str, Any]) -> str:
     lines.append('')
     lines.append('OOD sets: ' + ', '.join(f"`{n}` ({metrics['kinds'][n]}, {metrics['num_images'][n]} images)"
                                           for n in metrics['kinds'] if n != metrics['id_set']))
-    lines += ['', 'All numbers in %. OpenOOD columns treat OOD as the positive class (FPR@95TPR: '
-              'share of ID flagged OOD when 95% of OOD is caught); MixOE columns treat ID as positive '
-              f"and are mean ± std over {metrics['config']['num_subsamples']} equal-size subsamples. "
+    lines += ['', 'All numbers in %. OpenOOD columns follow OpenOOD v1.5 (computed with sklearn): OOD '
+              'is the positive class, a tied ID/OOD pair counts half (FPR@95TPR: share of ID flagged '
+              'OOD when 95% of OOD is caught). MixOE columns follow MixOE\'s evaluation script (its '
+              'threshold walk): ID is the positive class, a tied ID/OOD pair earns nothing, TNR@95 '
+              'takes the higher-FPR point of a tie; mean ± std over '
+              f"{metrics['config']['num_subsamples']} equal-size subsamples. `msp` is the log-odds of "
+              'the maximum softmax probability (same ranking as MSP, no float32 saturation at 1). '
               'Mean rows average the sets of one kind.', '']
     for score in ordered_scores(list(metrics['scores'])):
         lines += [f'## {score}', '', format_table(metrics, score), '']
