@@ -205,13 +205,7 @@ def main():
     args = parser.parse_args()
 
     if args._worker:
-        spec = json.loads(args._worker)
-        if spec['framework'] == 'jax':
-            import jax_step
-            common.worker_result(jax_step.run(spec))
-        else:
-            import torch_reference
-            common.worker_result(torch_reference.run(spec))
+        common.serve_worker(args._worker)
         return
 
     runs = build_runs(args)

@@ -615,13 +615,13 @@ def evaluate_run(config, workdir, *, step: int | None = None,
                                              f'{list(mngr.all_steps())}')
         _check_resume_identity(workdir, config, step)
         state = checkpoint.restore(mngr, state, step)
-        finite = [s for s in mngr.all_steps() if s != step]
+        others = [s for s in mngr.all_steps() if s != step]
     bad = checkpoint.non_finite_leaves(state.variables)
     if bad:
         raise checkpoint.CheckpointError(
             f'checkpoint step {step} of {workdir} holds non-finite values ({len(bad)} arrays, e.g. '
             f'{bad[0]}): its report would be meaningless. Evaluate another step (--step=N; saved: '
-            f'{finite}) or retrain from an earlier one.')
+            f'{others}) or retrain from an earlier one.')
     console(f'[eval] {workdir} at step {step}')
     batch = _eval_batch(config)
     eval_sets = [_announced(s) for s in data.eval_datasets(config.data, batch_size=batch)]
