@@ -36,7 +36,6 @@ step is waited for with ``block_until_ready`` / ``cuda.synchronize``):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

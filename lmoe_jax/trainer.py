@@ -387,8 +387,7 @@ def train_stage(config, workdir, stop: '_StopFlag | None' = None, *, stage: str 
     """
     workdir = check_workdir_writable(workdir)
     setup = make_setup(config)
-    mesh, method = setup.mesh, setup.method
-    stage = stage or method.name
+    stage = stage or setup.method.name
     is_main = jax.process_index() == 0
     mngr = checkpoint.manager(workdir, keep=int(config.keep_checkpoints))
     writer = None

@@ -40,7 +40,6 @@ def main() -> None:
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
     import jax
     import jax.numpy as jnp
-    import ml_collections
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from configs import fashion_mnist

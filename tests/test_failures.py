@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import uuid
 
 import jax
 import numpy as np
