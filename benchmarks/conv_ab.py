@@ -9,11 +9,16 @@ variant that is fast because it is wrong cannot pass unnoticed.
 
     .venv/bin/python benchmarks/conv_ab.py --image_size=64 --variants=default,smallmap,smallmap_dot1x1
     .venv/bin/python benchmarks/conv_ab.py --image_size=224 --variants=default,dot1x1,im2col_all --reps=4
+    .venv/bin/python benchmarks/conv_ab.py --image_size=224 --variants=smallmap_dot1x1 --reps=3 \
+        --profile=/tmp/prof  # + thread time per op kind, from a jax.profiler trace of one step
+
+``--profile`` needs TensorFlow's xplane proto (``tensorflow.tsl.profiler.protobuf``).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -70,6 +75,97 @@ def check() -> None:
         raise SystemExit(f'rewritten convolution disagrees with the reference: {worst:.2e}')
 
 
+def _conv_kind(line: str) -> str:
+    """fwd / input-grad / weight-grad of an optimized-HLO convolution.
+
+    After XLA:CPU's layout normalisation every convolution reads ``b01f_01io->b01f``; a weight
+    gradient is the one whose window is a whole feature map (or rhs-dilated by the stride), an
+    input gradient is lhs-dilated (strided layers) or reads a transposed (flipped) kernel.
+    """
+    size = re.search(r'size=(\d+)x', line)
+    if ((size and int(size.group(1)) > 7) or 'rhs_dilate' in line
+            or (size and size.group(1) == '7' and 'pad=1_1' in line)):
+        return 'conv weight-grad'
+    if 'lhs_dilate' in line or 'transpose(jvp' in line or 'transpose_copy' in line:
+        return 'conv input-grad'
+    return 'conv fwd'
+
+
+def hlo_kinds(hlo_text: str) -> dict[str, str]:
+    """Top-level instruction name -> kind (conv fwd/input-grad/weight-grad, dot, copy/transpose,
+    elementwise fusion, ...), from the optimized HLO of the entry computation and its fusions."""
+    comps, current = {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r'^(ENTRY )?%?([\w.\-]+) .*\{$', line)
+        if head:
+            current = comps.setdefault(head.group(2), [])
+        elif current is not None and '=' in line:
+            current.append(line)
+    kinds = {}
+    for lines in comps.values():
+        for line in lines:
+            m = re.match(r'\s*(ROOT )?%?([\w.\-]+) = .*? (\w[\w\-]*)\(', line)
+            if not m:
+                continue
+            name, op = m.group(2), m.group(3)
+            body = lines
+            called = re.search(r'calls=%?([\w.\-]+)', line)
+            if called:
+                body = comps.get(called.group(1), [])
+            ops = {re.match(r'\s*(ROOT )?%?[\w.\-]+ = .*? (\w[\w\-]*)\(', b).group(2)
+                   for b in body if re.match(r'\s*(ROOT )?%?[\w.\-]+ = .*? (\w[\w\-]*)\(', b)}
+            convs = [b for b in body if ' convolution(' in b] if called else (
+                [line] if op == 'convolution' else [])
+            if convs:
+                kinds[name] = _conv_kind(convs[0] + line)
+            elif op == 'dot' or (called and 'dot' in ops):
+                kinds[name] = 'dot'
+            elif op in ('copy', 'transpose') or (called and ops & {'copy', 'transpose'}):
+                kinds[name] = 'copy/transpose (fused)'
+            elif op in ('reduce', 'reduce-window') or (called and ops & {'reduce'}):
+                kinds[name] = 'reduce (BatchNorm stats, ...)'
+            elif op in ('fusion',):
+                kinds[name] = 'elementwise fusion'
+            else:
+                kinds[name] = op
+    return kinds
+
+
+def profile(fn, params, x, hlo_text: str, log_dir: str, top: int = 15) -> None:
+    """Trace one step; print thread time per op kind and the top ops (name, kind, shape)."""
+    import glob
+
+    import jax
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    jax.block_until_ready(fn(params, x))
+    with jax.profiler.trace(log_dir):
+        jax.block_until_ready(fn(params, x))
+    space = xplane_pb2.XSpace()
+    path = sorted(glob.glob(f'{log_dir}/**/*.xplane.pb', recursive=True))[-1]
+    with open(path, 'rb') as f:
+        space.ParseFromString(f.read())
+    kinds, per_op = hlo_kinds(hlo_text), {}
+    for plane in space.planes:
+        names = {k: v.name for k, v in plane.event_metadata.items()}
+        for line in plane.lines:
+            for ev in line.events:
+                name = names.get(ev.metadata_id, '')
+                if name in kinds:
+                    per_op[name] = per_op.get(name, 0) + ev.duration_ps / 1e9
+    total = sum(per_op.values())
+    by_kind = {}
+    for name, ms in per_op.items():
+        by_kind[kinds[name]] = by_kind.get(kinds[name], 0) + ms
+    print(f'op thread time {total:.0f} ms in {len(per_op)} ops ({path})')
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f'  {kind:32s} {ms:8.0f} ms {100 * ms / total:5.1f}%')
+    shapes = {m.group(1): m.group(2) for m in re.finditer(
+        r'%?([\w.\-]+) = (\S+\[[^\]]*\])', hlo_text)}
+    for name, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]:
+        print(f'  top {name:40s} {kinds[name]:28s} {ms:7.1f} ms {shapes.get(name, "")}')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--image_size', type=int, default=64)
@@ -77,6 +173,8 @@ def main():
     parser.add_argument('--reps', type=int, default=8, help='timed rounds (first one dropped)')
     parser.add_argument('--variants', default='default,smallmap,smallmap_dot1x1')
     parser.add_argument('--check', action='store_true', help='verify the rewrites first')
+    parser.add_argument('--profile', default=None, metavar='DIR',
+                        help='then trace one step per variant into DIR and print time per op kind')
     args = parser.parse_args()
     if args.check:
         check()
@@ -105,13 +203,13 @@ def main():
 
         t0 = time.perf_counter()
         fn = jax.jit(jax.value_and_grad(loss)).lower(variables['params'], x).compile()
-        compiled[name] = (variables['params'], fn)
+        compiled[name] = (variables['params'], fn, fn.as_text())
         print(f'{name}: compiled in {time.perf_counter() - t0:.1f} s', flush=True)
     resnet._layers = original
 
     wall, cpu = {k: [] for k in compiled}, {k: [] for k in compiled}
     for _ in range(args.reps):
-        for name, (params, fn) in compiled.items():
+        for name, (params, fn, _) in compiled.items():
             t0, c0 = time.perf_counter(), time.process_time()
             jax.block_until_ready(fn(params, x))
             wall[name].append(time.perf_counter() - t0)
@@ -121,6 +219,10 @@ def main():
         w, c = wall[name][1:], cpu[name][1:]
         print(f'{name:16s} wall median {np.median(w):.3f} s (min {min(w):.3f}) | '
               f'CPU median {np.median(c):.3f} s (min {min(c):.3f})')
+    if args.profile:
+        for name, (params, fn, hlo) in compiled.items():
+            print(f'--- profile {name}')
+            profile(fn, params, x, hlo, os.path.join(args.profile, name))
 
 
 if __name__ == '__main__':

@@ -351,3 +351,29 @@ def test_matmul_convs_auto_builds_the_rewritten_convolutions_on_cpu():
     # so 'auto' on CPU keeps 53 - 36 - 9 = 8 convolutions and has 1 + 36 + 9 = 46 dots.
     assert (plain_convs, plain_dots) == (53, 1)
     assert (auto_convs, auto_dots) == (8, 46)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_pointwise_conv_as_2d_dot_matches_numpy(stride):
+    """cpu_convs.conv_or_dot (1x1 convolution as a 2-D [N*H*W, C] @ [C, O] dot, the form whose
+    weight gradient XLA:CPU contracts without a transposing copy): forward, input gradient and
+    weight gradient equal the same products written out in float64 numpy."""
+    from jax import lax
+
+    from lmoe_jax.models import cpu_convs
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 6, 3)).astype(np.float32)
+    w = rng.normal(size=(1, 1, 3, 4)).astype(np.float32)
+    g = rng.normal(size=(2, -(-5 // stride), -(-6 // stride), 4)).astype(np.float32)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+    out, vjp = jax.vjp(lambda x, w: cpu_convs.conv_or_dot(x, w, (stride, stride), 'VALID',
+                                                        dimension_numbers=dn), x, w)
+    gx, gw = vjp(jnp.asarray(g))
+    xs, w2, g64 = x[:, ::stride, ::stride].astype(np.float64), w[0, 0].astype(np.float64), g
+    np.testing.assert_allclose(out, np.einsum('nhwc,co->nhwo', xs, w2), rtol=1e-5, atol=1e-5)
+    gx_ref = np.zeros(x.shape)
+    gx_ref[:, ::stride, ::stride] = np.einsum('nhwo,co->nhwc', g64, w2)
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gw[0, 0], np.einsum('nhwc,nhwo->co', xs, g64), rtol=1e-5,
+                               atol=1e-5)

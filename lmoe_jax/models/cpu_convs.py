@@ -30,7 +30,11 @@ def conv_or_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     XLA:CPU runs the weight gradient of a 1x1 convolution as a convolution whose window is the
     whole feature map, which is far slower than the matrix product it is; written as a dot
     (after the stride's subsampling) the forward, input-gradient and weight-gradient are all
-    plain GEMMs. Same parameters and numbers (up to float summation order).
+    plain GEMMs. The dot is 2-D (``[N*H*W, C] @ [C, O]``): then the weight gradient is one dot
+    contracting dimension 0 of both operands in place, whereas a 4-D einsum's weight gradient
+    gets a fused copy of the activations into ``[C, N*H*W]`` that XLA:CPU runs slowly (2.6x the
+    2-D form's time at 224 px, docs/benchmarks.md). Same parameters and numbers (up to float
+    summation order).
     """
     nhwc = dimension_numbers is not None and tuple(
         getattr(dimension_numbers, 'lhs_spec', ())) == (0, 3, 1, 2)
@@ -38,7 +42,9 @@ def conv_or_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
                               feature_group_count) and not kwargs:
         sh, sw = window_strides
         x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
-        return jnp.einsum('nhwc,co->nhwo', x, rhs[0, 0], precision=precision)
+        n, h, w, c = x.shape
+        y = jnp.dot(x.reshape(n * h * w, c), rhs[0, 0], precision=precision)
+        return y.reshape(n, h, w, rhs.shape[-1])
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                     rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                     feature_group_count=feature_group_count, precision=precision,
