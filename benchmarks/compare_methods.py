@@ -1,25 +1,28 @@
 """Paired comparison of the OE-family presets and the LMoE ablation on the Fashion-MNIST demo.
 
-Protocol (issue 8, item 2), per seed ``s``:
+The demo config's own protocol (configs/fashion_mnist.py), per seed ``s``:
 
-1. train ONE cross-entropy baseline for ``--baseline_steps`` steps (cached on disk);
-2. fine-tune that same checkpoint with every variant for ``--finetune_steps`` steps on the very
-   same batches (ID order and outlier draws, cached once per seed) with the very same rng, so
-   lam draws agree step by step (``train_step`` folds the rng with the step);
+1. train ONE cross-entropy baseline for the config's ``baseline_epochs`` (5 epochs, cached);
+2. fine-tune that same checkpoint with every variant for the config's ``num_epochs`` (2 epochs,
+   its learning rate) on the very same batches (ID order and outlier draws, kept once per seed)
+   with the very same rng, so lam draws agree step by step (``train_step`` folds in the step);
 3. evaluate MSP and Energy scores on the validation sets, which alone may choose anything
    (ID val = held-out share of ID train; outlier val = held-out auxiliary outliers the train
    stream never draws), on the test sets (ID test, fine-grained OOD test, coarse OOD digits), and
    on a diagnostic reported apart and never used to choose ('fine_ood_diag': training images of
    the held-out classes, i.e. of the classes the test calls OOD).
 
-The class split is an argument (``--id_classes=0,1,2,3,8,9`` or ``--split=N``). Everything goes
-to ``--out``: one JSON line per finished (seed, variant) in ``results.jsonl`` (a rerun skips what
-is there for the same protocol, so the script resumes), the per-image logits and scores of that
-run in ``scores_seed<s>_<variant>.npz`` beside it, and ``tables.md``. ``--summarize`` only reads
-the JSONL and writes the tables.
+The ablation seeds (``--ablation_seeds``, default 0,1,2) run first with every variant; their
+validation numbers choose the lmoe candidate (``select_lmoe``), which then also runs on the
+remaining seeds with the main variants. The class split is an argument (``--id_classes`` or
+``--split=N``). Everything goes to ``--out``: one JSON line per finished (seed, variant) in
+``results.jsonl`` (a rerun skips what is there for the same protocol, so the script resumes),
+the per-image logits and scores of that run in ``scores_seed<s>_<variant>.npz`` beside it, and
+``tables.md``. ``--summarize`` only reads the JSONL and writes the tables.
 
-    .venv/bin/python benchmarks/compare_methods.py --out=benchmarks/results/split1 --split=1 --seeds=0,1,2,3,4
-    .venv/bin/python benchmarks/compare_methods.py --out=benchmarks/results/split1 --split=1 --summarize
+    .venv/bin/python benchmarks/compare_methods.py --out=benchmarks/results/study_split0 --id_classes=0,1,2,3,8,9
+    .venv/bin/python benchmarks/compare_methods.py --out=benchmarks/results/study_split1 --split=1
+    .venv/bin/python benchmarks/compare_methods.py --out=... --summarize   # tables only
     .venv/bin/python benchmarks/compare_methods.py --smoke   # 1 seed, a few steps, 3 variants
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ import argparse
 import functools
 import io
 import json
+import os
 import re
 import sys
 import time
@@ -52,20 +56,28 @@ MAIN = {
     'mixoe_cutmix': ('mixoe_cutmix', {}),
     'lmoe': ('lmoe', {}),
 }
-ABLATION = {
+ABLATION = {  # issue 13's ablation: each line changes one thing of 'lmoe'
     'lmoe:logit_mix_only': ('lmoe', {'consistency': 0.0}),
     'lmoe:consistency_only': ('lmoe', {'logit_mix': 0.0}),
-    'lmoe:+input_mix5': ('lmoe', {'input_mix': 5.0}),
-    'mixoe+consistency1': ('lmoe', {'logit_mix': 0.0, 'input_mix': 5.0}),
     'lmoe:kl': ('lmoe', {'consistency_kind': 'kl'}),
-    'lmoe:logit_mix1': ('lmoe', {'logit_mix': 1.0}),
     'lmoe:consistency0.1': ('lmoe', {'consistency': 0.1}),
+    'lmoe:consistency3': ('lmoe', {'consistency': 3.0}),
+    'lmoe:logit_mix1': ('lmoe', {'logit_mix': 1.0}),
+    'lmoe:+input_mix5': ('lmoe', {'input_mix': 5.0}),
+}
+EXTRA = {  # further variants, run only when named in --variants
+    'mixoe+consistency1': ('lmoe', {'logit_mix': 0.0, 'input_mix': 5.0}),
     'lmoe:consistency10': ('lmoe', {'consistency': 10.0}),
     'lmoe:lam_per_example': ('lmoe', {'lam_per_example': True}),
     'lmoe:sg_mixed_input': ('lmoe', {'stop_gradient': 'mixed_input'}),
     'lmoe:sg_logit_mixture': ('lmoe', {'stop_gradient': 'logit_mixture'}),
 }
-VARIANTS = {**MAIN, **ABLATION}
+VARIANTS = {**MAIN, **ABLATION, **EXTRA}
+#: the reconstructed LMoE variants clean validation chooses among (the preset and its ablation)
+LMOE_CANDIDATES = (LMOE_REFERENCE, 'lmoe:kl', 'lmoe:consistency0.1', 'lmoe:consistency3',
+                   'lmoe:logit_mix1', 'lmoe:+input_mix5')
+#: a candidate may not lose more ID validation accuracy than this (points) to the baseline control
+SELECTION_MAX_ACC_DROP = 1.0
 SCORES = ('msp', 'energy')
 SMOKE_VARIANTS = 'baseline,mixoe_mixup,lmoe'
 
@@ -314,7 +326,7 @@ def prepare_seed(cfg, model, image_shape, seed: int, protocol: Mapping[str, Any]
     _atomic_save(batch_file, _npz_bytes(batches))
     print(f'  seed {seed}: baseline trained in {seconds:.0f}s (with data {time.perf_counter() - t0:.0f}s)',
           flush=True)
-    return restored, batches, state
+    return restored, batches, seconds
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,6 +357,40 @@ def scores_name(seed: int, variant: str) -> str:
     return f"scores_seed{seed}_{re.sub(r'[^A-Za-z0-9._-]', '_', variant)}.npz"
 
 
+def select_lmoe(records: Sequence[dict], seeds: Sequence[int]) -> Optional[dict]:
+    """Clean selection among ``LMOE_CANDIDATES``: the highest mean MSP AUROC of ID val vs the
+    held-out outliers over ``seeds``, among candidates whose mean ID val accuracy is at most
+    ``SELECTION_MAX_ACC_DROP`` points below the baseline control's. Nothing from the test sets
+    or from the held-out (test OOD) classes is read. None until every candidate has every seed.
+
+    Returns {'variant', 'auroc' (per candidate, x100), 'id_acc' (x100), 'eligible', 'seeds'}.
+    """
+    def mean_over_seeds(variant, split, key):
+        vals = {r['seed']: 100.0 * r[split][key] for r in records
+                if r['variant'] == variant and r['seed'] in seeds}
+        return float(np.mean(list(vals.values()))) if set(vals) == set(seeds) else None
+    auroc = {n: mean_over_seeds(n, 'val', 'msp/outlier_auroc') for n in LMOE_CANDIDATES}
+    acc = {n: mean_over_seeds(n, 'val', 'id_acc') for n in LMOE_CANDIDATES + ('baseline',)}
+    if any(v is None for v in list(auroc.values()) + list(acc.values())):
+        return None
+    eligible = [n for n in LMOE_CANDIDATES if acc[n] >= acc['baseline'] - SELECTION_MAX_ACC_DROP]
+    if not eligible:
+        return None
+    best = max(eligible, key=lambda n: auroc[n])
+    return {'variant': best, 'auroc': auroc, 'id_acc': acc, 'eligible': eligible,
+            'seeds': list(seeds)}
+
+
+def plan(names: Sequence[str], seeds: Sequence[int], ablation_seeds: Sequence[int]) -> List[tuple]:
+    """(seed, variant) pairs in run order. Phase 1: every variant on the ablation seeds (they
+    choose the lmoe candidate); phase 2: the main variants on the other seeds. Variant-major
+    inside a phase, so an interrupted study still has every seed of its earlier variants."""
+    main = ['stage1'] + [n for n in names if n not in ABLATION and n not in EXTRA]
+    phase1 = [(s, n) for n in ['stage1'] + list(names) for s in ablation_seeds]
+    phase2 = [(s, n) for n in main for s in seeds if s not in ablation_seeds]
+    return phase1 + phase2
+
+
 def run(args) -> None:
     import jax
     from lmoe_jax import losses
@@ -356,7 +402,12 @@ def run(args) -> None:
                       split=args.split, outlier_val_fraction=args.outlier_val_fraction)
     split = data.class_split(cfg.data.num_classes, cfg.data.num_id_classes, cfg.data.split,
                              cfg.data.id_classes)
-    protocol = {'baseline_steps': args.baseline_steps, 'finetune_steps': args.finetune_steps,
+    info = data.dataset_info(cfg.data, process_count=1)
+    steps_per_epoch = info.steps_per_epoch(int(cfg.batch_size))  # as the trainer counts them
+    baseline_steps = args.baseline_steps or max(
+        int(round(float(cfg.baseline_epochs) * steps_per_epoch)), 1)
+    finetune_steps = args.finetune_steps or max(int(round(float(cfg.num_epochs) * steps_per_epoch)), 1)
+    protocol = {'baseline_steps': baseline_steps, 'finetune_steps': finetune_steps,
                 'batch_size': int(cfg.batch_size), 'learning_rate': float(cfg.learning_rate),
                 'model': f'{cfg.model.name}-w{cfg.model.width}',
                 'finetune_lr': float(args.finetune_lr or cfg.learning_rate),
@@ -365,62 +416,79 @@ def run(args) -> None:
                 'fine_diag_size': args.fine_diag_size, 'selection': 'id_val+outlier_val'}
     ft_cfg = cfg.copy_and_resolve_references()
     ft_cfg.learning_rate = protocol['finetune_lr']
-    cfg.batch_size = protocol['batch_size']
-    names = [n for n in args.variants.split(',') if n] if args.variants else list(VARIANTS)
+    names = [n for n in args.variants.split(',') if n] if args.variants else list(MAIN) + list(ABLATION)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f'unknown variant(s) {unknown}; choose from {list(VARIANTS)}')
     seeds = [int(s) for s in args.seeds.split(',')]
+    ablation_seeds = [int(s) for s in args.ablation_seeds.split(',') if s] or seeds
+    if not set(ablation_seeds) <= set(seeds):
+        raise SystemExit(f'--ablation_seeds {ablation_seeds} must be among --seeds {seeds}')
     results = epath.Path(args.out) / 'results.jsonl'
-    done = {(r['seed'], r['variant']) for r in read_results(results)
-            if normalized(r['protocol']) == protocol}
-    todo = [(s, n) for n in ['stage1'] + names for s in seeds if (s, n) not in done]
-    print(f'protocol {protocol}\n{len(todo)} runs to do, {len(done)} already in {results}',
-          flush=True)
+
+    def pending():
+        done = {(r['seed'], r['variant']) for r in read_results(results)
+                if normalized(r['protocol']) == protocol}
+        todo = [p for p in plan(names, seeds, ablation_seeds) if p not in done]
+        chosen = select_lmoe([r for r in read_results(results)
+                              if normalized(r['protocol']) == protocol], ablation_seeds)
+        if chosen and chosen['variant'] != LMOE_REFERENCE:  # the chosen one joins the main table
+            todo += [(s, chosen['variant']) for s in seeds if (s, chosen['variant']) not in done]
+        return todo, len(done)
+
+    todo, n_done = pending()
+    print(f'protocol {protocol}\n{steps_per_epoch} steps per epoch; {len(todo)} runs to do, '
+          f'{n_done} already in {results}', flush=True)
     if not todo:
         return
-    info = data.dataset_info(cfg.data, process_count=1)
     image_shape = tuple(info.image_shape)
     model = build_model(cfg, info.num_id_classes)
     t0 = time.perf_counter()
     arrays = load_eval_arrays(cfg, args.fine_diag_size)
     print('eval sets: ' + ', '.join(f"{k} {len(v['label'])}" for k, v in arrays.items())
           + f' ({time.perf_counter() - t0:.0f}s)', flush=True)
-    # Order: variant-major, so an interrupted run still has every seed of the earlier variants.
     per_seed: Dict[int, tuple] = {}
     start_all = time.perf_counter()
-    for i, (seed, name) in enumerate(todo):
+    finished = 0
+    while todo:
+        seed, name = todo[0]
         if seed not in per_seed:
-            restored, batches, _ = prepare_seed(cfg, model, image_shape, seed, protocol, args.workdir, args.log_every)
-            per_seed[seed] = (restored, batches)
-        restored, batches = per_seed[seed]
-        state = fresh_state(ft_cfg, model, image_shape, args.finetune_steps, None,
+            restored, batches, base_seconds = prepare_seed(
+                cfg, model, image_shape, seed, protocol, args.workdir, args.log_every)
+            per_seed[seed] = (restored, batches, base_seconds)
+        restored, batches, base_seconds = per_seed[seed]
+        state = fresh_state(ft_cfg, model, image_shape, finetune_steps, None,
                             params=restored['params'], batch_stats=restored['batch_stats'])
         t_run = time.perf_counter()
         record = {'seed': seed, 'variant': name, 'protocol': protocol}
         if name == 'stage1':  # the baseline checkpoint itself, before any fine-tuning
-            record.update(preset=None, overrides={}, train_seconds=0.0, train_metrics={})
+            # train_seconds: the baseline's training when this process trained it (else None)
+            record.update(preset=None, overrides={}, train_seconds=base_seconds, train_metrics={})
         else:
             preset, overrides = VARIANTS[name]
             method = losses.get_method(preset, overrides)
             ft_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # same for every variant
             stream = ({k: batches[k][j] for k in ('image', 'label', 'ood_image')}
-                      for j in range(args.finetune_steps))
+                      for j in range(finetune_steps))
             state, tail, seconds = run_steps(state, stream, ft_rng, method, f'seed {seed} {name}',
-                                             args.finetune_steps, args.log_every)
+                                             finetune_steps, args.log_every)
             record.update(preset=preset, overrides=overrides, train_seconds=seconds, train_metrics=tail)
         metrics, per_image = evaluate_state(state, arrays, args.eval_batch_size)
         record.update(metrics, scores_file=scores_name(seed, name))
         _atomic_save(results.parent / record['scores_file'], _npz_bytes(per_image))
         record['seconds'] = time.perf_counter() - t_run
+        record['load_average'] = os.getloadavg()[0]
         append_result(results, record)  # after its scores file: a listed run has its scores
+        finished += 1
+        todo, _ = pending()
         elapsed = time.perf_counter() - start_all
-        print(f"[{i + 1}/{len(todo)}] seed {seed} {name}: "
+        print(f"[{finished}/{finished + len(todo)}] seed {seed} {name}: "
               f"val outlier AUROC {100 * record['val']['msp/outlier_auroc']:.2f}, "
               f"test fine AUROC {100 * record['test']['msp/fine_auroc']:.2f}, "
               f"test acc {100 * record['test']['id_acc']:.2f} "
-              f"({record['seconds']:.0f}s; {elapsed / 60:.1f} min so far, "
-              f"~{elapsed / (i + 1) * (len(todo) - i - 1) / 60:.0f} min left)", flush=True)
+              f"({record['seconds']:.0f}s, load {record['load_average']:.2f}; "
+              f"{elapsed / 60:.1f} min so far, ~{elapsed / finished * len(todo) / 60:.0f} min left)",
+              flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -429,14 +497,23 @@ def run(args) -> None:
 
 def paired_stats(values: Mapping[int, float], reference: Mapping[int, float],
                  higher_is_better: bool) -> Dict[str, float]:
-    """Mean and sample std of ``value - reference`` over the seeds both have, and the wins."""
+    """``value - reference`` over the seeds both have: mean, sample std, the 95% Student-t
+    interval of the mean difference (lo, hi), and the seeds won."""
+    from scipy import stats
     seeds = sorted(set(values) & set(reference))
     diffs = np.array([values[s] - reference[s] for s in seeds], np.float64)
+    nan = float('nan')
     if not len(diffs):
-        return {'mean': float('nan'), 'std': float('nan'), 'wins': 0, 'n': 0}
+        return {'mean': nan, 'std': nan, 'lo': nan, 'hi': nan, 'wins': 0, 'n': 0}
     wins = int(np.sum(diffs > 0) if higher_is_better else np.sum(diffs < 0))
-    std = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else float('nan')
-    return {'mean': float(np.mean(diffs)), 'std': std, 'wins': wins, 'n': len(diffs)}
+    mean = float(np.mean(diffs))
+    if len(diffs) > 1:
+        std = float(np.std(diffs, ddof=1))
+        half = float(stats.t.ppf(0.975, len(diffs) - 1)) * std / np.sqrt(len(diffs))
+    else:
+        std = half = nan
+    return {'mean': mean, 'std': std, 'lo': mean - half, 'hi': mean + half, 'wins': wins,
+            'n': len(diffs)}
 
 
 def _by_variant(records: Sequence[dict], split: str, key: str) -> Dict[str, Dict[int, float]]:
@@ -457,7 +534,10 @@ def _mean_std(values: Mapping[int, float]) -> str:
 def _diff_cell(stats: Mapping[str, float]) -> str:
     if not stats['n']:
         return '-'
-    return f"{stats['mean']:+.2f} ± {stats['std']:.2f} ({stats['wins']}/{stats['n']})"
+    if stats['n'] < 2:
+        return f"{stats['mean']:+.2f} ({stats['wins']}/{stats['n']})"
+    return (f"{stats['mean']:+.2f} [{stats['lo']:+.2f}, {stats['hi']:+.2f}] "
+            f"({stats['wins']}/{stats['n']})")
 
 
 def metric_table(records, names, split, columns, reference, title) -> str:
@@ -498,12 +578,71 @@ def summarize(records: Sequence[dict]) -> str:
     return '\n\n'.join(sections)
 
 
+def seeds_with(records: Sequence[dict], names: Iterable[str]) -> List[int]:
+    """The seeds that have a record of every variant in ``names``."""
+    have: Dict[str, set] = {}
+    for r in records:
+        have.setdefault(r['variant'], set()).add(r['seed'])
+    sets = [have.get(n, set()) for n in names]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def selection_table(records: Sequence[dict]) -> tuple[str, Optional[str]]:
+    """The clean selection among ``LMOE_CANDIDATES`` (validation only) as markdown, and the pick."""
+    seeds = seeds_with(records, LMOE_CANDIDATES + ('baseline',))
+    chosen = select_lmoe(records, seeds) if seeds else None
+    if not chosen:
+        return '**Selection of the lmoe candidate**: not every candidate has run yet.', None
+    lines = [f"**Selection of the lmoe candidate (validation only: ID val + held-out outliers, "
+             f"MSP; seeds {','.join(map(str, seeds))})**", '',
+             f"Rule: highest mean outlier-val AUROC among candidates whose mean ID val accuracy is "
+             f"at most {SELECTION_MAX_ACC_DROP:g} point below the baseline control's "
+             f"({chosen['id_acc']['baseline']:.2f}).", '',
+             '| candidate | outlier val AUROC | ID val acc | eligible | chosen |', '| --- | --- | --- | --- | --- |']
+    for n in sorted(LMOE_CANDIDATES, key=lambda n: -chosen['auroc'][n]):
+        lines.append(f"| {n} | {chosen['auroc'][n]:.2f} | {chosen['id_acc'][n]:.2f} | "
+                     f"{'yes' if n in chosen['eligible'] else 'no'} | "
+                     f"{'**chosen**' if n == chosen['variant'] else ''} |")
+    return '\n'.join(lines), chosen['variant']
+
+
+def cost_table(records: Sequence[dict]) -> str:
+    """Wall time per (seed, variant): training alone, and with evaluation and saving the scores."""
+    lines = ['**Cost per (seed, variant)** (seconds; "stage1" = the shared baseline, trained once '
+             'per seed; run = training + evaluation of all sets + writing the scores)', '',
+             '| variant | runs | train s (mean) | run s (mean) | run s (total) | load (mean) |',
+             '| --- | --- | --- | --- | --- | --- |']
+    names: List[str] = []
+    for r in records:
+        if r['variant'] not in names:
+            names.append(r['variant'])
+    total = 0.0
+    for n in names:
+        rs = [r for r in records if r['variant'] == n]
+        train = [r['train_seconds'] for r in rs if r.get('train_seconds') is not None]
+        # a stage1 record's 'seconds' is its evaluation; its baseline training is counted apart
+        run_s = [r['seconds'] + ((r['train_seconds'] or 0.0) if n == 'stage1' else 0.0)
+                 for r in rs]
+        loads = [r['load_average'] for r in rs if 'load_average' in r]
+        total += sum(run_s)
+        lines.append(f"| {n} | {len(rs)} | {np.mean(train) if train else float('nan'):.0f} | "
+                     f"{np.mean(run_s):.0f} | {sum(run_s):.0f} | "
+                     f"{np.mean(loads) if loads else float('nan'):.2f} |")
+    lines += ['', f'Total: {total / 60:.1f} min over {len(records)} runs '
+                  '(stage1 rows include the baseline training when it was trained in the study).']
+    return '\n'.join(lines)
+
+
 def summarize_protocol(records: Sequence[dict], protocol: Mapping[str, Any]) -> str:
-    main = ['stage1'] + list(MAIN)
-    ablation = [LMOE_REFERENCE, REFERENCE] + list(ABLATION)
+    selection, chosen = selection_table(records)
+    main = ['stage1'] + list(MAIN) + ([chosen] if chosen and chosen not in MAIN else [])
+    ablation = [LMOE_REFERENCE, REFERENCE] + list(ABLATION) + [n for n in EXTRA if any(
+        r['variant'] == n for r in records)]
     out = [f'Protocol: `{json.dumps(protocol, sort_keys=True)}`. Values x100, mean ± sample std over '
-           'seeds; Δ = paired difference (same seed) as mean ± std, (wins/seeds). AUROC and FPR@95 '
-           'follow OpenOOD (OOD positive). "stage1" is the baseline checkpoint before fine-tuning.', '']
+           'seeds; Δ = paired difference (same seed, same baseline, same batches) as mean '
+           '[95% Student-t interval] (seeds won / seeds). AUROC and FPR@95 follow OpenOOD (OOD '
+           'positive). "stage1" is the baseline checkpoint before fine-tuning; "baseline" is its '
+           'cross-entropy fine-tune (the control).', '', selection, '']
     for score in SCORES:
         cols = [('id_acc', 'ID acc'), (f'{score}/fine_auroc', 'fine AUROC'),
                 (f'{score}/fine_fpr95', 'fine FPR95'), (f'{score}/coarse_auroc', 'coarse AUROC'),
@@ -517,17 +656,18 @@ def summarize_protocol(records: Sequence[dict], protocol: Mapping[str, Any]) -> 
     for ref in (LMOE_REFERENCE, REFERENCE):
         out += [metric_table(records, ablation, 'val', val_cols, ref,
                              f'LMoE ablation, VALIDATION sets (selection), MSP, Δ vs {ref}'), '']
+    test_cols = [('id_acc', 'ID acc'), ('msp/fine_auroc', 'fine AUROC'),
+                 ('msp/fine_fpr95', 'fine FPR95'), ('msp/coarse_auroc', 'coarse AUROC'),
+                 ('msp/coarse_fpr95', 'coarse FPR95')]
+    out += [metric_table(records, ablation, 'test', test_cols, LMOE_REFERENCE,
+                         'LMoE ablation, TEST sets (reported, not used for selection), MSP, '
+                         f'Δ vs {LMOE_REFERENCE}'), '']
     diag_cols = [('id_acc', 'ID val acc'), ('msp/fine_auroc', 'fine diag AUROC'),
                  ('msp/fine_fpr95', 'fine diag FPR95')]
     out += [metric_table(records, main + list(ABLATION), 'fine_diag', diag_cols, REFERENCE,
                          'DIAGNOSTIC, NOT FOR SELECTION: ID val vs training images of the held-out '
                          '(test OOD) classes, MSP'), '']
-    test_cols = [('id_acc', 'ID acc'), ('msp/fine_auroc', 'fine AUROC'),
-                 ('msp/fine_fpr95', 'fine FPR95'), ('msp/coarse_auroc', 'coarse AUROC'),
-                 ('msp/coarse_fpr95', 'coarse FPR95')]
-    out += [metric_table(records, ablation, 'test', test_cols, REFERENCE,
-                         'LMoE ablation, TEST sets (reported, not used for selection), MSP'), '']
-    out += [diagnostics_table(records, main + list(ABLATION)), '']
+    out += [diagnostics_table(records, main + list(ABLATION)), '', cost_table(records), '']
     return '\n'.join(out)
 
 
@@ -575,10 +715,16 @@ def diagnostics_table(records, names) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--seeds', default='0,1,2,3,4')
-    parser.add_argument('--variants', default='', help='comma list (default: all); see VARIANTS')
-    parser.add_argument('--baseline_steps', type=int, default=500)
-    parser.add_argument('--finetune_steps', type=int, default=80)
+    parser.add_argument('--seeds', default='0,1,2,3,4', help='seeds of the main comparison')
+    parser.add_argument('--ablation_seeds', default='0,1,2',
+                        help='seeds (among --seeds) of the LMoE ablation, which also choose the '
+                             'lmoe candidate on validation; run first')
+    parser.add_argument('--variants', default='',
+                        help='comma list (default: MAIN and ABLATION); see VARIANTS')
+    parser.add_argument('--baseline_steps', type=int, default=None,
+                        help="stage-1 steps (default: the demo config's baseline_epochs, 5 epochs)")
+    parser.add_argument('--finetune_steps', type=int, default=None,
+                        help="stage-2 steps (default: the demo config's num_epochs, 2 epochs)")
     parser.add_argument('--out', default=None,
                         help='output folder (local or gs://): results.jsonl, scores_*.npz, tables.md')
     parser.add_argument('--id_classes', default=None,
@@ -601,7 +747,7 @@ def main(argv=None) -> None:
                         help=f'1 seed, a few steps, variants {SMOKE_VARIANTS}, into runs/compare_smoke')
     args = parser.parse_args(argv)
     if args.smoke:
-        args.seeds, args.baseline_steps, args.finetune_steps = '0', 20, 10
+        args.seeds, args.ablation_seeds, args.baseline_steps, args.finetune_steps = '0', '0', 20, 10
         args.fine_diag_size, args.log_every = 500, 5
         args.variants = args.variants or SMOKE_VARIANTS
         args.workdir = str(ROOT / 'runs' / 'compare_smoke')

@@ -1,0 +1,87 @@
+"""The method study's decisions: paired intervals, the clean selection of the lmoe candidate,
+the run order, and the FPR@95 decomposition of benchmarks/score_analysis.py."""
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import compare_methods as cm
+from benchmarks import score_analysis as sa
+from lmoe_jax.ood import metrics
+
+
+def test_paired_stats_hand_worked_t_interval():
+    # diffs 2, 3, 2: mean 7/3, sample std sqrt(1/3); t(0.975, df=2) = 4.302652729749464 (tables)
+    stats = cm.paired_stats({0: 3.0, 1: 5.0, 2: 4.0, 7: 9.0}, {0: 1.0, 1: 2.0, 2: 2.0}, True)
+    half = 4.302652729749464 * math.sqrt(1 / 3) / math.sqrt(3)
+    assert stats['n'] == 3 and stats['wins'] == 3
+    assert stats['mean'] == pytest.approx(7 / 3, abs=1e-12)
+    assert stats['std'] == pytest.approx(math.sqrt(1 / 3), abs=1e-12)
+    assert stats['lo'] == pytest.approx(7 / 3 - half, abs=1e-9)
+    assert stats['hi'] == pytest.approx(7 / 3 + half, abs=1e-9)
+    assert cm.paired_stats({0: 3.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 2.0}, False)['wins'] == 0
+    one = cm.paired_stats({0: 1.0}, {0: 0.5}, True)
+    assert one['n'] == 1 and math.isnan(one['lo']) and cm._diff_cell(one) == '+0.50 (1/1)'
+
+
+def _record(seed, variant, auroc, acc):
+    return {'seed': seed, 'variant': variant, 'val': {'msp/outlier_auroc': auroc, 'id_acc': acc}}
+
+
+def test_selection_reads_validation_only_and_respects_the_accuracy_guard():
+    seeds = [0, 1]
+    aurocs = {'lmoe': 0.80, 'lmoe:kl': 0.82, 'lmoe:consistency0.1': 0.79,
+              'lmoe:consistency3': 0.90, 'lmoe:logit_mix1': 0.81, 'lmoe:+input_mix5': 0.78}
+    records = [_record(s, 'baseline', 0.70, 0.950) for s in seeds]
+    for name, auroc in aurocs.items():
+        # consistency3 has the best AUROC but loses 1.5 points of ID val accuracy: not eligible
+        acc = 0.935 if name == 'lmoe:consistency3' else 0.948
+        records += [_record(s, name, auroc + 0.01 * s, acc) for s in seeds]
+    # test-set numbers that would pick another candidate must not matter
+    for r in records:
+        r['test'] = {'msp/fine_auroc': 0.99 if r['variant'] == 'lmoe:logit_mix1' else 0.5}
+    chosen = cm.select_lmoe(records, seeds)
+    assert chosen['variant'] == 'lmoe:kl'
+    assert chosen['auroc']['lmoe:kl'] == pytest.approx(100 * 0.825)
+    assert 'lmoe:consistency3' not in chosen['eligible']
+    assert cm.select_lmoe(records[:-1], seeds) is None  # a candidate misses a seed: no choice yet
+    text, pick = cm.selection_table(records)
+    assert pick == 'lmoe:kl' and '**chosen**' in text
+
+
+def test_plan_runs_the_ablation_seeds_first_then_the_main_variants_elsewhere():
+    names = ['baseline', 'lmoe', 'lmoe:kl']
+    order = cm.plan(names, seeds=[0, 1, 2], ablation_seeds=[0, 1])
+    assert order == [(0, 'stage1'), (1, 'stage1'), (0, 'baseline'), (1, 'baseline'), (0, 'lmoe'),
+                     (1, 'lmoe'), (0, 'lmoe:kl'), (1, 'lmoe:kl'),
+                     (2, 'stage1'), (2, 'baseline'), (2, 'lmoe')]
+
+
+def test_study_variants_are_the_issue_ablation():
+    overrides = {n: o for n, (_, o) in cm.ABLATION.items()}
+    assert overrides == {
+        'lmoe:logit_mix_only': {'consistency': 0.0}, 'lmoe:consistency_only': {'logit_mix': 0.0},
+        'lmoe:kl': {'consistency_kind': 'kl'}, 'lmoe:consistency0.1': {'consistency': 0.1},
+        'lmoe:consistency3': {'consistency': 3.0}, 'lmoe:logit_mix1': {'logit_mix': 1.0},
+        'lmoe:+input_mix5': {'input_mix': 5.0}}
+    assert set(cm.MAIN) == {'baseline', 'oe', 'energy_oe', 'mixoe_mixup', 'mixoe_cutmix', 'lmoe'}
+    assert set(cm.LMOE_CANDIDATES) <= set(cm.ABLATION) | {'lmoe'}
+
+
+def test_fpr95_decomposition_agrees_with_the_openood_metric():
+    rng = np.random.default_rng(3)
+    for n_id, n_ood in ((200, 40), (57, 301)):
+        id_s = np.round(rng.normal(1.0, 1.0, n_id), 1)  # rounded: many ties
+        ood_s = np.round(rng.normal(0.0, 1.0, n_ood), 1)
+        t = sa.threshold_at_95(ood_s)
+        assert np.mean(ood_s <= t) >= 0.95 and np.mean(ood_s < t) < 0.95
+        fpr = float(np.mean(id_s <= t))
+        assert fpr == pytest.approx(metrics.openood_fpr_at_95_tpr(id_s, ood_s), abs=1e-12)
+        q = sa.id_quantile_of(id_s, ood_s)  # FPR@95 is the 95th percentile of q, taken as t
+        assert fpr == pytest.approx(sa.id_quantile_of(id_s, np.array([t]))[0], abs=1e-12)
+        assert np.all(np.diff(q[np.argsort(ood_s)]) >= 0)
+
+
+def test_id_quantile_hand_worked():
+    q = sa.id_quantile_of(np.array([1.0, 2.0, 2.0, 3.0]), np.array([0.5, 2.0, 2.5, 9.0]))
+    np.testing.assert_array_equal(q, [0.0, 0.75, 0.75, 1.0])
