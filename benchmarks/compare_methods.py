@@ -358,27 +358,37 @@ def scores_name(seed: int, variant: str) -> str:
 
 
 def select_lmoe(records: Sequence[dict], seeds: Sequence[int]) -> Optional[dict]:
-    """Clean selection among ``LMOE_CANDIDATES``: the highest mean MSP AUROC of ID val vs the
-    held-out outliers over ``seeds``, among candidates whose mean ID val accuracy is at most
-    ``SELECTION_MAX_ACC_DROP`` points below the baseline control's. Nothing from the test sets
-    or from the held-out (test OOD) classes is read. None until every candidate has every seed.
+    """Clean selection among ``LMOE_CANDIDATES``, reading validation only (ID val + held-out
+    outliers, MSP; nothing from the test sets or the held-out test-OOD classes).
 
-    Returns {'variant', 'auroc' (per candidate, x100), 'id_acc' (x100), 'eligible', 'seeds'}.
+    The leader is the candidate with the highest mean outlier-val AUROC over ``seeds`` among
+    those whose mean ID val accuracy is at most ``SELECTION_MAX_ACC_DROP`` points below the
+    baseline control's. It replaces the incumbent preset ``lmoe`` only if its paired difference
+    to it is resolved: the 95% Student-t interval over the seeds lies above 0. Otherwise the
+    incumbent stays (a difference inside the seed noise is no reason to change a preset).
+
+    Returns None until every candidate and the control have every seed, else {'variant' (the
+    choice), 'leader', 'leader_vs_lmoe' (paired stats, x100), 'auroc', 'id_acc' (means, x100),
+    'eligible', 'seeds'}.
     """
-    def mean_over_seeds(variant, split, key):
-        vals = {r['seed']: 100.0 * r[split][key] for r in records
+    def per_seed(variant, key):
+        return {r['seed']: 100.0 * r['val'][key] for r in records
                 if r['variant'] == variant and r['seed'] in seeds}
-        return float(np.mean(list(vals.values()))) if set(vals) == set(seeds) else None
-    auroc = {n: mean_over_seeds(n, 'val', 'msp/outlier_auroc') for n in LMOE_CANDIDATES}
-    acc = {n: mean_over_seeds(n, 'val', 'id_acc') for n in LMOE_CANDIDATES + ('baseline',)}
-    if any(v is None for v in list(auroc.values()) + list(acc.values())):
+    auroc_seeds = {n: per_seed(n, 'msp/outlier_auroc') for n in LMOE_CANDIDATES}
+    acc_seeds = {n: per_seed(n, 'id_acc') for n in LMOE_CANDIDATES + ('baseline',)}
+    if any(set(v) != set(seeds) for v in list(auroc_seeds.values()) + list(acc_seeds.values())):
         return None
+    auroc = {n: float(np.mean(list(v.values()))) for n, v in auroc_seeds.items()}
+    acc = {n: float(np.mean(list(v.values()))) for n, v in acc_seeds.items()}
     eligible = [n for n in LMOE_CANDIDATES if acc[n] >= acc['baseline'] - SELECTION_MAX_ACC_DROP]
     if not eligible:
         return None
-    best = max(eligible, key=lambda n: auroc[n])
-    return {'variant': best, 'auroc': auroc, 'id_acc': acc, 'eligible': eligible,
-            'seeds': list(seeds)}
+    leader = max(eligible, key=lambda n: auroc[n])
+    versus = paired_stats(auroc_seeds[leader], auroc_seeds[LMOE_REFERENCE], True)
+    resolved = leader != LMOE_REFERENCE and len(seeds) > 1 and versus['lo'] > 0
+    return {'variant': leader if resolved or LMOE_REFERENCE not in eligible else LMOE_REFERENCE,
+            'leader': leader, 'leader_vs_lmoe': versus, 'auroc': auroc, 'id_acc': acc,
+            'eligible': eligible, 'seeds': list(seeds)}
 
 
 def plan(names: Sequence[str], seeds: Sequence[int], ablation_seeds: Sequence[int]) -> List[tuple]:
@@ -595,9 +605,12 @@ def selection_table(records: Sequence[dict]) -> tuple[str, Optional[str]]:
         return '**Selection of the lmoe candidate**: not every candidate has run yet.', None
     lines = [f"**Selection of the lmoe candidate (validation only: ID val + held-out outliers, "
              f"MSP; seeds {','.join(map(str, seeds))})**", '',
-             f"Rule: highest mean outlier-val AUROC among candidates whose mean ID val accuracy is "
-             f"at most {SELECTION_MAX_ACC_DROP:g} point below the baseline control's "
-             f"({chosen['id_acc']['baseline']:.2f}).", '',
+             f"Rule (`select_lmoe`): the leader has the highest mean outlier-val AUROC among "
+             f"candidates whose mean ID val accuracy is at most {SELECTION_MAX_ACC_DROP:g} point "
+             f"below the baseline control's ({chosen['id_acc']['baseline']:.2f}); it replaces the "
+             f"preset `lmoe` only if its paired difference to it has a 95% interval above 0. "
+             f"Leader: `{chosen['leader']}`, vs lmoe {_diff_cell(chosen['leader_vs_lmoe'])}; "
+             f"chosen: `{chosen['variant']}`.", '',
              '| candidate | outlier val AUROC | ID val acc | eligible | chosen |', '| --- | --- | --- | --- | --- |']
     for n in sorted(LMOE_CANDIDATES, key=lambda n: -chosen['auroc'][n]):
         lines.append(f"| {n} | {chosen['auroc'][n]:.2f} | {chosen['id_acc'][n]:.2f} | "
@@ -635,7 +648,9 @@ def cost_table(records: Sequence[dict]) -> str:
 
 def summarize_protocol(records: Sequence[dict], protocol: Mapping[str, Any]) -> str:
     selection, chosen = selection_table(records)
-    main = ['stage1'] + list(MAIN) + ([chosen] if chosen and chosen not in MAIN else [])
+    leader = select_lmoe(records, seeds_with(records, LMOE_CANDIDATES + ('baseline',)))
+    extra = [n for n in dict.fromkeys([chosen, leader and leader['leader']]) if n and n not in MAIN]
+    main = ['stage1'] + list(MAIN) + extra
     ablation = [LMOE_REFERENCE, REFERENCE] + list(ABLATION) + [n for n in EXTRA if any(
         r['variant'] == n for r in records)]
     out = [f'Protocol: `{json.dumps(protocol, sort_keys=True)}`. Values x100, mean ± sample std over '

@@ -41,12 +41,28 @@ def test_selection_reads_validation_only_and_respects_the_accuracy_guard():
     for r in records:
         r['test'] = {'msp/fine_auroc': 0.99 if r['variant'] == 'lmoe:logit_mix1' else 0.5}
     chosen = cm.select_lmoe(records, seeds)
-    assert chosen['variant'] == 'lmoe:kl'
+    # kl leads lmoe by +2.00 in both seeds: std 0, the interval is [2, 2], above 0 -> replaces it
+    assert chosen['leader'] == chosen['variant'] == 'lmoe:kl'
     assert chosen['auroc']['lmoe:kl'] == pytest.approx(100 * 0.825)
+    assert chosen['leader_vs_lmoe']['lo'] == pytest.approx(2.0)
     assert 'lmoe:consistency3' not in chosen['eligible']
     assert cm.select_lmoe(records[:-1], seeds) is None  # a candidate misses a seed: no choice yet
     text, pick = cm.selection_table(records)
     assert pick == 'lmoe:kl' and '**chosen**' in text
+
+
+def test_selection_keeps_the_preset_when_the_lead_is_inside_the_seed_noise():
+    seeds = [0, 1, 2]
+    records = [_record(s, 'baseline', 0.70, 0.95) for s in seeds]
+    for name in cm.LMOE_CANDIDATES:
+        records += [_record(s, name, 0.80, 0.95) for s in seeds]
+    # kl leads by +1.0 on average (+4, -1, 0 points): t interval [-5.6, 7.6] holds 0
+    for r, delta in zip([r for r in records if r['variant'] == 'lmoe:kl'], (0.04, -0.01, 0.0)):
+        r['val']['msp/outlier_auroc'] += delta
+    chosen = cm.select_lmoe(records, seeds)
+    assert chosen['leader'] == 'lmoe:kl' and chosen['variant'] == 'lmoe'
+    assert chosen['leader_vs_lmoe']['mean'] == pytest.approx(1.0)
+    assert chosen['leader_vs_lmoe']['lo'] < 0 < chosen['leader_vs_lmoe']['hi']
 
 
 def test_plan_runs_the_ablation_seeds_first_then_the_main_variants_elsewhere():
