@@ -621,9 +621,7 @@ def selection_table(records: Sequence[dict]) -> tuple[str, Optional[str]]:
 
 def cost_table(records: Sequence[dict]) -> str:
     """Wall time per (seed, variant): training alone, and with evaluation and saving the scores."""
-    lines = ['**Cost per (seed, variant)** (seconds; "stage1" = the shared baseline, trained once '
-             'per seed; run = training + evaluation of all sets + writing the scores)', '',
-             '| variant | runs | train s (mean) | run s (mean) | run s (total) | load (mean) |',
+    lines = ['| variant | runs | train s (mean) | run s (mean) | run s (total) | load (mean) |',
              '| --- | --- | --- | --- | --- | --- |']
     names: List[str] = []
     for r in records:
@@ -641,9 +639,10 @@ def cost_table(records: Sequence[dict]) -> str:
         lines.append(f"| {n} | {len(rs)} | {np.mean(train) if train else float('nan'):.0f} | "
                      f"{np.mean(run_s):.0f} | {sum(run_s):.0f} | "
                      f"{np.mean(loads) if loads else float('nan'):.2f} |")
-    lines += ['', f'Total: {total / 60:.1f} min over {len(records)} runs '
-                  '(stage1 rows include the baseline training when it was trained in the study).']
-    return '\n'.join(lines)
+    title = (f'**Cost per (seed, variant)** (wall seconds; "stage1" = the shared baseline, trained '
+             f'once per seed, plus its evaluation; run = training + evaluation of all sets + writing '
+             f'the scores). Total: {total / 60:.1f} min over {len(records)} runs.')
+    return '\n'.join([title, ''] + lines)
 
 
 def summarize_protocol(records: Sequence[dict], protocol: Mapping[str, Any]) -> str:
