@@ -101,3 +101,23 @@ def test_fpr95_decomposition_agrees_with_the_openood_metric():
 def test_id_quantile_hand_worked():
     q = sa.id_quantile_of(np.array([1.0, 2.0, 2.0, 3.0]), np.array([0.5, 2.0, 2.5, 9.0]))
     np.testing.assert_array_equal(q, [0.0, 0.75, 0.75, 1.0])
+
+
+def test_fill_tables_copies_the_generated_block_between_markers():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts',
+                        'fill_tables.py')
+    spec = importlib.util.spec_from_file_location('fill_tables', path)
+    ft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ft)
+    source = ('**Main, TEST** x\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n\n'
+              '**Selection** y\n\nRule text.\n\n| c |\n| --- |\n| 3 |\n\nafter\n')
+    doc = ('intro\n<!-- table: Main -->\nold\n<!-- /table -->\nmid\n'
+           '<!-- table: Selection -->\n<!-- /table -->\nend\n')
+    assert ft.fill(doc, source) == (
+        'intro\n<!-- table: Main -->\n**Main, TEST** x\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n'
+        '<!-- /table -->\nmid\n<!-- table: Selection -->\n**Selection** y\n\nRule text.\n\n'
+        '| c |\n| --- |\n| 3 |\n<!-- /table -->\nend\n')
+    with pytest.raises(SystemExit):
+        ft.fill('<!-- table: Nothing -->\n<!-- /table -->', source)
