@@ -91,29 +91,30 @@ def analyse(out: epath.Path, a: str, b: str, score: str, classes: np.ndarray,
                 'below_wrong': float(np.mean(below & ~correct)),
                 'below_right': float(np.mean(below & correct)),
                 'id_error': float(np.mean(~correct))})
-    return table(rows, a, b), rows
+    return table(rows, a, b, score), rows
 
 
-def _ms(values: Sequence[float]) -> str:
-    v = 100 * np.asarray(values, np.float64)
+def _ms(values: Sequence[float], scale: float = 100.0) -> str:
+    v = scale * np.asarray(values, np.float64)
     return f'{v.mean():.2f} ± {v.std(ddof=1):.2f}' if len(v) > 1 else f'{v.mean():.2f}'
 
 
-def _paired(rows_a: list, rows_b: list, get) -> str:
-    d = 100 * np.array([get(x) - get(y) for x, y in zip(rows_a, rows_b)])
+def _paired(rows_a: list, rows_b: list, get, scale: float = 100.0) -> str:
+    d = scale * np.array([get(x) - get(y) for x, y in zip(rows_a, rows_b)])
     return f'{d.mean():+.2f} ({int(np.sum(d > 0))}/{len(d)} seeds higher)'
 
 
-def table(rows: Mapping[str, list], a: str, b: str) -> str:
+def table(rows: Mapping[str, list], a: str, b: str, score: str) -> str:
     seeds = [r['seed'] for r in rows[a]]
     lines = [f'Seeds {",".join(map(str, seeds))}; x100, mean ± std over seeds; a - b paired by seed. '
              'q = share of ID test images scoring at or below an OOD image (its own model).', '',
              f'| fine-grained OOD test, MSP-type score | {a} | {b} | {a} − {b} |',
              '| --- | --- | --- | --- |']
 
-    def add(label, get):
-        lines.append(f'| {label} | {_ms([get(r) for r in rows[a]])} | '
-                     f'{_ms([get(r) for r in rows[b]])} | {_paired(rows[a], rows[b], get)} |')
+    def add(label, get, scale=100.0):
+        lines.append(f'| {label} | {_ms([get(r) for r in rows[a]], scale)} | '
+                     f'{_ms([get(r) for r in rows[b]], scale)} | '
+                     f'{_paired(rows[a], rows[b], get, scale)} |')
     add('FPR@95 (OpenOOD): ID at or below the 95% OOD threshold', lambda r: r['fpr95'])
     for p in OOD_PERCENTILES:
         add(f'{p}th percentile of q over OOD images' + (' (= FPR@95)' if p == 95 else ''),
@@ -122,6 +123,12 @@ def table(rows: Mapping[str, list], a: str, b: str) -> str:
         add(f'share of {FASHION_MNIST_CLASSES[c]} in the top 5% OOD', lambda r, c=c: r['top_share'][c])
     for c in sorted(rows[a][0]['class_fpr']):
         add(f'FPR@95 against {FASHION_MNIST_CLASSES[c]} alone', lambda r, c=c: r['class_fpr'][c])
+    if score == 'msp':  # MSP log-odds are on one scale for every model: a probability
+        for p in (50, 90, 99):
+            add(f'ID test, {p}th percentile of the MSP log-odds (not x100)',
+                lambda r, p=p: np.percentile(r['id'], p), 1.0)
+        add('the threshold: 95th percentile of the OOD MSP log-odds (not x100)',
+            lambda r: r['t'], 1.0)
     add('ID test error rate', lambda r: r['id_error'])
     add('ID below the threshold and misclassified', lambda r: r['below_wrong'])
     add('ID below the threshold and correctly classified', lambda r: r['below_right'])
