@@ -326,7 +326,7 @@ def test_presets_hold_the_mixoe_benchmark_values():
     lm = L.get_method('lmoe')
     assert (float(lm.weights.logit_mix), float(lm.weights.consistency),
             float(lm.weights.input_mix), lm.weights.consistency_kind, lm.alpha) == (
-                5.0, 1.0, 0.0, 'mse', 1.0)
+                5.0, 0.1, 0.0, 'mse', 1.0)  # consistency 0.1: docs/comparison.md's selection
     assert lm.needs_mix and lm.needs_ood
     base = L.get_method('baseline')
     assert not (base.needs_mix or base.needs_ood or base.needs_lam)

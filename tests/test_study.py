@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks import compare_methods as cm
 from benchmarks import score_analysis as sa
+from lmoe_jax import losses
 from lmoe_jax.ood import metrics
 
 
@@ -74,12 +75,23 @@ def test_plan_runs_the_ablation_seeds_first_then_the_main_variants_elsewhere():
 
 
 def test_study_variants_are_the_issue_ablation():
-    overrides = {n: o for n, (_, o) in cm.ABLATION.items()}
-    assert overrides == {
+    reconstruction = {'logit_mix': 5.0, 'consistency': 1.0, 'consistency_kind': 'mse',
+                      'input_mix': 0.0, 'mix': 'mixup', 'alpha': 1.0, 'lam_per_example': False,
+                      'stop_gradient': 'none'}
+    assert cm.VARIANTS['lmoe'] == ('lmoe', reconstruction)  # pinned, whatever the preset says
+    changes = {n: {k: v for k, v in o.items() if reconstruction.get(k) != v}
+               for n, (_, o) in cm.ABLATION.items()}
+    assert changes == {
         'lmoe:logit_mix_only': {'consistency': 0.0}, 'lmoe:consistency_only': {'logit_mix': 0.0},
         'lmoe:kl': {'consistency_kind': 'kl'}, 'lmoe:consistency0.1': {'consistency': 0.1},
         'lmoe:consistency3': {'consistency': 3.0}, 'lmoe:logit_mix1': {'logit_mix': 1.0},
         'lmoe:+input_mix5': {'input_mix': 5.0}}
+    # the study's choice is the library's preset
+    chosen = losses.get_method(*cm.VARIANTS['lmoe:consistency0.1'])
+    preset = losses.get_method('lmoe')
+    assert chosen.weights == preset.weights
+    assert (chosen.mix, chosen.alpha, chosen.lam_per_example) == (
+        preset.mix, preset.alpha, preset.lam_per_example)
     assert set(cm.MAIN) == {'baseline', 'oe', 'energy_oe', 'mixoe_mixup', 'mixoe_cutmix', 'lmoe'}
     assert set(cm.LMOE_CANDIDATES) <= set(cm.ABLATION) | {'lmoe'}
 
