@@ -102,13 +102,28 @@ def parse_classes(text: str) -> List[int]:
 
 
 def demo_config(data_dir: str, *, id_classes: Optional[Sequence[int]] = None,
-                split: Optional[int] = None, outlier_val_fraction: float = 0.1):
+                split: Optional[int] = None, outlier_val_fraction: float = 0.1,
+                data_overrides: Sequence[str] = ()):
     """The demo config with a class split (explicit ID classes, or MixOE split ``split`` of
-    the config's 6 of 10; neither: the config's own {0, 1, 2, 3, 8, 9}) and the share of the
-    outliers held out for validation."""
+    the config's 6 of 10; neither: the config's own {0, 1, 2, 3, 8, 9}), the share of the
+    outliers held out for validation and ``KEY=VALUE`` overrides of ``config.data`` (the value
+    parsed as the field's type; a tuple field takes a comma list)."""
     from configs import fashion_mnist
     cfg = fashion_mnist.get_config()
     cfg.data.data_dir = str(data_dir)
+    for item in data_overrides:
+        key, sep, value = item.partition('=')
+        if not sep or key not in cfg.data:
+            raise SystemExit(f'--data {item!r}: expected KEY=VALUE with KEY in config.data')
+        current = cfg.data[key]
+        if isinstance(current, tuple):
+            cfg.data[key] = tuple(v for v in value.split(',') if v)
+        elif isinstance(current, bool):
+            cfg.data[key] = value.lower() in ('1', 'true', 'yes')
+        elif isinstance(current, (int, float)):
+            cfg.data[key] = type(current)(value)
+        else:
+            cfg.data[key] = value
     if id_classes and split is not None:
         raise SystemExit('give --id_classes or --split, not both')
     if id_classes:
@@ -420,7 +435,8 @@ def run(args) -> None:
     jax.config.update('jax_compilation_cache_dir', str(epath.Path(args.workdir) / 'jax_cache'))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
     cfg = demo_config(args.data_dir, id_classes=parse_classes(args.id_classes or ''),
-                      split=args.split, outlier_val_fraction=args.outlier_val_fraction)
+                      split=args.split, outlier_val_fraction=args.outlier_val_fraction,
+                      data_overrides=args.data)
     split = data.class_split(cfg.data.num_classes, cfg.data.num_id_classes, cfg.data.split,
                              cfg.data.id_classes)
     info = data.dataset_info(cfg.data, process_count=1)
@@ -765,8 +781,11 @@ def main(argv=None) -> None:
     parser.add_argument('--eval_batch_size', type=int, default=1000)
     parser.add_argument('--log_every', type=int, default=40)
     parser.add_argument('--data_dir', default=str(ROOT / 'runs' / 'tfds'))
-    parser.add_argument('--workdir', default=str(ROOT / 'runs' / 'compare'),
-                        help='caches: baselines, fine-tune batches, compiled steps')
+    parser.add_argument('--data', action='append', default=[], metavar='KEY=VALUE',
+                        help='override config.data.KEY (repeatable), e.g. a folder of test data')
+    parser.add_argument('--workdir', default=None,
+                        help='caches: baselines, fine-tune batches, compiled steps '
+                             '(default: runs/compare, runs/compare_smoke with --smoke)')
     parser.add_argument('--summarize', action='store_true', help='only write the tables')
     parser.add_argument('--smoke', action='store_true',
                         help=f'1 seed, a few steps, variants {SMOKE_VARIANTS}, into runs/compare_smoke')
@@ -775,9 +794,10 @@ def main(argv=None) -> None:
         args.seeds, args.ablation_seeds, args.baseline_steps, args.finetune_steps = '0', '0', 20, 10
         args.fine_diag_size, args.log_every = 500, 5
         args.variants = args.variants or SMOKE_VARIANTS
-        args.workdir = str(ROOT / 'runs' / 'compare_smoke')
+        args.workdir = args.workdir or str(ROOT / 'runs' / 'compare_smoke')
         args.out = args.out or args.workdir
         (epath.Path(args.out) / 'results.jsonl').unlink(missing_ok=True)  # always run again
+    args.workdir = args.workdir or str(ROOT / 'runs' / 'compare')
     if not args.out:
         parser.error('--out is required: the folder for results.jsonl, scores_*.npz and tables.md')
     out = epath.Path(args.out)

@@ -133,3 +133,38 @@ def test_fill_tables_copies_the_generated_block_between_markers():
         '| c |\n| --- |\n| 3 |\n<!-- /table -->\nend\n')
     with pytest.raises(SystemExit):
         ft.fill('<!-- table: Nothing -->\n<!-- /table -->', source)
+
+
+def test_smoke_study_end_to_end_on_fake_data(tmp_path):
+    """The script as a user runs it (--smoke, a subprocess), on small fake idx files: four runs
+    land in the JSONL, each with its per-image scores, whose AUROC sklearn recomputes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from sklearn.metrics import roc_auc_score
+    import data_fixtures as fx
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fx.write_fake_fashion(str(tmp_path / 'fashion'), num_train=400, num_test=60)
+    fx.write_fake_animals(str(tmp_path / 'animals'), num=80, duplicates=0)
+    out = tmp_path / 'out'
+    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', PYTHONPATH=root)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, 'benchmarks', 'compare_methods.py'), '--smoke',
+         f'--out={out}', f'--workdir={tmp_path / "work"}', f'--data_dir={tmp_path / "tfds"}',
+         f'--data=fashion_mnist_dir={tmp_path / "fashion"}',
+         f'--data=animal_mnist_dir={tmp_path / "animals"}', '--data=coarse_ood=animal_mnist',
+         '--fine_diag_size=0'],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / 'results.jsonl').read_text().splitlines()]
+    assert [r['variant'] for r in records] == ['stage1', 'baseline', 'mixoe_mixup', 'lmoe']
+    for r in records:
+        assert r['protocol']['baseline_steps'] == 20 and r['protocol']['finetune_steps'] == 10
+        with np.load(out / r['scores_file']) as z:
+            id_s, ood_s = z['id_test/msp'], z['fine_ood_test/msp']
+            labels = np.r_[np.zeros(len(id_s)), np.ones(len(ood_s))]  # OOD positive
+            assert r['test']['msp/fine_auroc'] == pytest.approx(
+                roc_auc_score(labels, -np.r_[id_s, ood_s]), abs=1e-12)
+            assert set(np.unique(z['outlier_val/label'])) == {-1}
+    assert '**Main comparison, TEST sets, MSP score**' in (out / 'tables.md').read_text()
