@@ -464,11 +464,10 @@ def run(args) -> None:
     results = epath.Path(args.out) / 'results.jsonl'
 
     def pending():
-        done = {(r['seed'], r['variant']) for r in read_results(results)
-                if normalized(r['protocol']) == protocol}
+        records = [r for r in read_results(results) if normalized(r['protocol']) == protocol]
+        done = {(r['seed'], r['variant']) for r in records}
         todo = [p for p in plan(names, seeds, ablation_seeds) if p not in done]
-        chosen = select_lmoe([r for r in read_results(results)
-                              if normalized(r['protocol']) == protocol], ablation_seeds)
+        chosen = select_lmoe(records, ablation_seeds)
         if chosen and chosen['variant'] != LMOE_REFERENCE:  # the chosen one joins the main table
             todo += [(s, chosen['variant']) for s in seeds if (s, chosen['variant']) not in done]
         return todo, len(done)
@@ -624,8 +623,9 @@ def seeds_with(records: Sequence[dict], names: Iterable[str]) -> List[int]:
     return sorted(set.intersection(*sets)) if sets else []
 
 
-def selection_table(records: Sequence[dict]) -> tuple[str, Optional[str]]:
-    """The clean selection among ``LMOE_CANDIDATES`` (validation only) as markdown, and the pick."""
+def selection_table(records: Sequence[dict]) -> tuple[str, Optional[dict]]:
+    """The clean selection among ``LMOE_CANDIDATES`` (validation only) as markdown, and
+    ``select_lmoe``'s result over the seeds every candidate has (None before that)."""
     seeds = seeds_with(records, LMOE_CANDIDATES + ('baseline',))
     chosen = select_lmoe(records, seeds) if seeds else None
     if not chosen:
@@ -643,7 +643,7 @@ def selection_table(records: Sequence[dict]) -> tuple[str, Optional[str]]:
         lines.append(f"| {n} | {chosen['auroc'][n]:.2f} | {chosen['id_acc'][n]:.2f} | "
                      f"{'yes' if n in chosen['eligible'] else 'no'} | "
                      f"{'**chosen**' if n == chosen['variant'] else ''} |")
-    return '\n'.join(lines), chosen['variant']
+    return '\n'.join(lines), chosen
 
 
 def cost_table(records: Sequence[dict]) -> str:
@@ -674,8 +674,8 @@ def cost_table(records: Sequence[dict]) -> str:
 
 def summarize_protocol(records: Sequence[dict], protocol: Mapping[str, Any]) -> str:
     selection, chosen = selection_table(records)
-    leader = select_lmoe(records, seeds_with(records, LMOE_CANDIDATES + ('baseline',)))
-    extra = [n for n in dict.fromkeys([chosen, leader and leader['leader']]) if n and n not in MAIN]
+    picks = [chosen['variant'], chosen['leader']] if chosen else []
+    extra = [n for n in dict.fromkeys(picks) if n not in MAIN]
     main = ['stage1'] + list(MAIN) + extra
     ablation = [LMOE_REFERENCE, REFERENCE] + list(ABLATION) + [n for n in EXTRA if any(
         r['variant'] == n for r in records)]

@@ -66,6 +66,7 @@ def ood_classes(data_dir: str, id_classes: Sequence[int], n_expected: int) -> np
 def analyse(out: epath.Path, a: str, b: str, score: str, classes: np.ndarray,
             seeds: Sequence[int]) -> tuple[str, Dict[str, list]]:
     from benchmarks import compare_methods as cm
+    from lmoe_jax.ood import metrics
     records = {(r['seed'], r['variant']): r for r in cm.read_results(out / 'results.jsonl')}
     rows: Dict[str, list] = {a: [], b: []}
     for method in (a, b):
@@ -88,7 +89,7 @@ def analyse(out: epath.Path, a: str, b: str, score: str, classes: np.ndarray,
                 'percentiles': {p: float(np.percentile(q, p, method='inverted_cdf'))
                                 for p in OOD_PERCENTILES},
                 'top_share': {int(c): float(np.mean(classes[top] == c)) for c in np.unique(classes)},
-                'class_fpr': {int(c): float(np.mean(s_id <= threshold_at_95(s_ood[classes == c])))
+                'class_fpr': {int(c): metrics.openood_fpr_at_95_tpr(s_id, s_ood[classes == c])
                               for c in np.unique(classes)},
                 'below_wrong': float(np.mean(below & ~correct)),
                 'below_right': float(np.mean(below & correct)),

@@ -49,7 +49,7 @@ def test_selection_reads_validation_only_and_respects_the_accuracy_guard():
     assert 'lmoe:consistency3' not in chosen['eligible']
     assert cm.select_lmoe(records[:-1], seeds) is None  # a candidate misses a seed: no choice yet
     text, pick = cm.selection_table(records)
-    assert pick == 'lmoe:kl' and '**chosen**' in text
+    assert pick['variant'] == 'lmoe:kl' and '**chosen**' in text
 
 
 def test_selection_keeps_the_preset_when_the_lead_is_inside_the_seed_noise():
@@ -153,8 +153,7 @@ def test_smoke_study_end_to_end_on_fake_data(tmp_path):
         [sys.executable, os.path.join(root, 'benchmarks', 'compare_methods.py'), '--smoke',
          f'--out={out}', f'--workdir={tmp_path / "work"}', f'--data_dir={tmp_path / "tfds"}',
          f'--data=fashion_mnist_dir={tmp_path / "fashion"}',
-         f'--data=animal_mnist_dir={tmp_path / "animals"}', '--data=coarse_ood=animal_mnist',
-         '--fine_diag_size=0'],
+         f'--data=animal_mnist_dir={tmp_path / "animals"}', '--data=coarse_ood=animal_mnist'],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / 'results.jsonl').read_text().splitlines()]
