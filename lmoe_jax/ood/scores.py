@@ -11,10 +11,8 @@ from typing import Any, Callable, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-LOGIT_SCORES = ('msp', 'max_logit', 'energy', 'gen')
 FEATURE_SCORES = ('mahalanobis', 'vim', 'react')
 FITTED_SCORES = ('kl_matching',) + FEATURE_SCORES
-INPUT_SCORES = ('odin',)
 ALL_SCORES = ('msp', 'max_logit', 'energy', 'odin', 'gen', 'kl_matching', 'mahalanobis', 'vim', 'react')
 
 
