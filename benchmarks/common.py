@@ -216,17 +216,6 @@ def worker_result(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
 
 
-def serve_worker(spec_json: str) -> None:
-    """The ``--_worker`` side of :func:`run_worker`: run one case in this process, print its result."""
-    spec = json.loads(spec_json)
-    if spec['framework'] == 'jax':
-        import jax_step
-        worker_result(jax_step.run(spec))
-    else:
-        import torch_reference
-        worker_result(torch_reference.run(spec))
-
-
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment, the repository and benchmarks/ on PYTHONPATH, plus ``extra``."""
     env = dict(os.environ)

@@ -45,6 +45,7 @@ from typing import Callable
 from etils import epath
 
 import common
+import worker
 
 METHODS = ('lmoe', 'mixoe_mixup', 'baseline')  # in order of importance
 SEARCH_METHOD = 'lmoe'
@@ -325,7 +326,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args._worker:
-        common.serve_worker(args._worker)
+        worker.serve(args._worker)
         return 0
 
     if not args.out:

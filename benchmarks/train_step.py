@@ -41,6 +41,7 @@ import sys
 import time
 
 import common
+import worker
 
 METHODS = ('baseline', 'oe', 'mixoe_mixup', 'mixoe_cutmix', 'lmoe')
 TORCH_METHODS = ('baseline', 'mixoe_mixup', 'lmoe')
@@ -204,7 +205,7 @@ def main():
     args = parser.parse_args()
 
     if args._worker:
-        common.serve_worker(args._worker)
+        worker.serve(args._worker)
         return
 
     runs = build_runs(args)
