@@ -19,6 +19,7 @@ from etils import epath
 
 from lmoe_jax.data import builders  # registers the project's builders with TFDS
 from lmoe_jax.data import provenance
+from lmoe_jax.data.builders.common import can_reach
 
 
 class DatasetNotReadyError(RuntimeError):
@@ -37,42 +38,37 @@ class SourceSpec:
     test_split: str = 'test'
 
 
+# TFDS catalog datasets whose splits are not plain 'train' / 'test'; the project's own builders
+# declare theirs (builders/common.py).
 SPECS = {
-    'caltech_birds2011': SourceSpec(),
-    'cars196': SourceSpec(),
-    'stanford_dogs': SourceSpec(),
     'oxford_flowers102': SourceSpec(train_split='train+validation'),
     'dtd': SourceSpec(train_split='train+validation'),
     'places365_small': SourceSpec(test_split='validation'),  # its 'test' split has no labels
-    'fgvc_aircraft': SourceSpec(),
-    'fashion_mnist_idx': SourceSpec(),
-    'animal_mnist': SourceSpec(test_split='train'),  # one split: used as outliers
-    'digits28': SourceSpec(train_split='test'),  # one split: used as coarse OOD
 }
-MANUAL_DATASETS = ('fgvc_aircraft',)
 
 
 def spec(name: str) -> SourceSpec:
+    cls = builders.project_builder(name)
+    if cls is not None:
+        return SourceSpec(cls.TRAIN_SPLIT, cls.TEST_SPLIT)
     return SPECS.get(name, SourceSpec())
+
+
+def preparation(name: str) -> Optional[str]:
+    """'offline' or 'manual' for the project's builders (builders/common.py), None for the catalog."""
+    cls = builders.project_builder(name)
+    return cls.PREPARATION if cls is not None else None
+
+
+def source_dir_knob(name: str) -> Optional[str]:
+    """The config.data knob holding a project builder's source directory, or None."""
+    cls = builders.project_builder(name)
+    return cls.SOURCE_DIR_KNOB if cls is not None else None
 
 
 def _get(cfg: Any, key: str, default=None):
     getter = getattr(cfg, 'get', None)
     return getter(key, default) if getter else getattr(cfg, key, default)
-
-
-def can_reach(host: str, timeout_s: float = 5.0) -> bool:
-    """Whether ``host`` resolves: a quick offline check before TFDS starts long download retries."""
-    import concurrent.futures
-    import socket
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    try:
-        pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout_s)
-        return True
-    except Exception:  # noqa: BLE001 - unresolvable or slow both mean "do not try"
-        return False
-    finally:
-        pool.shutdown(wait=False)
 
 
 DOWNLOAD_PROBE_HOST = 'storage.googleapis.com'  # TFDS's mirror; also a proxy for "online at all"
@@ -88,10 +84,10 @@ def _not_ready_message(name: str, builder, cfg, cause: BaseException) -> str:
     data_dir = builder.data_dir_root if hasattr(builder, 'data_dir_root') else _get(cfg, 'data_dir')
     lines = [f"Dataset '{name}' is not prepared in {data_dir} and could not be prepared here:",
              f'  {type(cause).__name__}: {cause}']
-    if name in builders.OFFLINE_BUILDERS:
+    if preparation(name) == 'offline':
         lines.append('It is built from local files (see the message above for which and where).')
-    elif name in MANUAL_DATASETS:
-        lines.append('Manual download:\n' + builders.fgvc_aircraft.MANUAL_INSTRUCTIONS)
+    elif preparation(name) == 'manual':
+        lines.append('Manual download:\n' + str(builder.MANUAL_DOWNLOAD_INSTRUCTIONS))
     else:
         lines.append(
             f'On a machine with internet run `tfds build {name} --data_dir={data_dir}` (or '
@@ -116,7 +112,7 @@ def _source_changed(name: str, builder, source: provenance.Source, cfg) -> Optio
             return 'it has no record of the source it was built from'
         changes = provenance.differences(recorded, provenance.fingerprint(source))
         return '; '.join(changes) or None
-    knob = builders.SOURCE_DIR_KNOBS.get(name)
+    knob = source_dir_knob(name)
     built_from = recorded['source'] if recorded else 'an unrecorded source'
     if knob and _get(cfg, knob) and (recorded is None or recorded['source'] != source.location):
         raise DataConfigError(
@@ -137,10 +133,10 @@ def open_builder(name: str, cfg: Any) -> tfds.core.DatasetBuilder:
     directory, a changed file, no record) is rebuilt with a warning; see provenance.py.
     """
     kwargs = {'data_dir': _get(cfg, 'data_dir')}
-    knob = builders.SOURCE_DIR_KNOBS.get(name)
+    knob = source_dir_knob(name)
     if knob:
         kwargs['source_dir'] = _get(cfg, knob)
-    if name in MANUAL_DATASETS:
+    if preparation(name) == 'manual':
         kwargs['allow_download'] = bool(_get(cfg, 'download', True))
         kwargs['manual_dir'] = _get(cfg, 'manual_dir')
     try:
@@ -148,16 +144,15 @@ def open_builder(name: str, cfg: Any) -> tfds.core.DatasetBuilder:
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DataConfigError(
             f"Unknown dataset '{name}': use a TFDS catalog name (e.g. caltech_birds2011, cars196) "
-            f"or one of the project's builders {sorted(SPECS)}.") from e
+            f"or one of the project's builders {sorted(builders.PROJECT_BUILDERS)}.") from e
     source = builder.source() if hasattr(builder, 'source') and _would_download() else None
     was_prepared = builder.is_prepared()
     rebuild = _source_changed(name, builder, source, cfg) if source and was_prepared else None
-    if name not in builders.OFFLINE_BUILDERS and name not in MANUAL_DATASETS \
-            and not _get(cfg, 'download', True) and not builder.is_prepared():
+    catalog = preparation(name) is None
+    if catalog and not _get(cfg, 'download', True) and not builder.is_prepared():
         raise DatasetNotReadyError(_not_ready_message(
             name, builder, cfg, RuntimeError('config.data.download is False')))
-    if name not in builders.OFFLINE_BUILDERS and name not in MANUAL_DATASETS \
-            and not builder.is_prepared() and _would_download() \
+    if catalog and not builder.is_prepared() and _would_download() \
             and not can_reach(DOWNLOAD_PROBE_HOST):
         raise DatasetNotReadyError(_not_ready_message(
             name, builder, cfg, RuntimeError(f'no network: cannot resolve {DOWNLOAD_PROBE_HOST}')))

@@ -1,13 +1,22 @@
-"""TFDS builders the catalog lacks; importing this module registers them with TFDS."""
+"""TFDS builders the catalog lacks; importing this module registers them with TFDS.
+
+``PROJECT_BUILDERS`` is the registry ``sources`` reads: each class declares how it is prepared,
+its source-directory knob, its splits and its manual instructions (builders/common.py).
+"""
 from lmoe_jax.data.builders.animal_mnist import AnimalMnist
+from lmoe_jax.data.builders.common import ProjectBuilder
 from lmoe_jax.data.builders.digits28 import Digits28
 from lmoe_jax.data.builders.fashion_mnist_idx import FashionMnistIdx
 from lmoe_jax.data.builders.fgvc_aircraft import FgvcAircraft
 
-# Builders that prepare from local files: safe to prepare automatically on first use.
-OFFLINE_BUILDERS = ('fashion_mnist_idx', 'animal_mnist', 'digits28')
-# config.data.<knob> holding each builder's source directory.
-SOURCE_DIR_KNOBS = {'fashion_mnist_idx': 'fashion_mnist_dir', 'animal_mnist': 'animal_mnist_dir'}
+PROJECT_BUILDERS = {cls.name: cls for cls in (
+    FashionMnistIdx, AnimalMnist, Digits28, FgvcAircraft)}
 
-__all__ = ['AnimalMnist', 'Digits28', 'FashionMnistIdx', 'FgvcAircraft',
-           'OFFLINE_BUILDERS', 'SOURCE_DIR_KNOBS']
+
+def project_builder(name: str):
+    """The project's builder class registered as ``name``, or None (a TFDS catalog dataset)."""
+    return PROJECT_BUILDERS.get(name)
+
+
+__all__ = ['AnimalMnist', 'Digits28', 'FashionMnistIdx', 'FgvcAircraft', 'PROJECT_BUILDERS',
+           'ProjectBuilder', 'project_builder']

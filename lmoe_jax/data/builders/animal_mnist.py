@@ -48,6 +48,8 @@ class AnimalMnist(SourceDirBuilder):
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'From the animal-mnist 0.4 wheel, exact duplicates dropped.'}
     SOURCE_FILES = (DATA_FILE, LABEL_FILE)
+    SOURCE_DIR_KNOB = 'animal_mnist_dir'
+    TEST_SPLIT = 'train'  # one split: used as outliers
 
     def __init__(self, *, source_dir: Optional[epath.PathLike] = None, **kwargs):
         super().__init__(source_dir=source_dir or _wheel_data_dir(), **kwargs)

@@ -1,6 +1,15 @@
-"""Shared pieces of the project's TFDS builders for the offline 28 px demo sets."""
+"""Shared pieces of the project's TFDS builders and how each one tells ``sources`` about itself.
+
+Every project builder declares, as class attributes, what ``sources.open_builder`` needs:
+``PREPARATION`` ('offline': built from local files, prepared on first use without asking;
+'manual': read from the manual directory, with ``MANUAL_DOWNLOAD_INSTRUCTIONS`` saying what to
+place there), ``SOURCE_DIR_KNOB`` (the config.data knob holding its source directory) and
+``TRAIN_SPLIT`` / ``TEST_SPLIT``. Builders never import ``sources``.
+"""
 from __future__ import annotations
 
+import concurrent.futures
+import socket
 from typing import Iterator, Optional
 
 import numpy as np
@@ -10,7 +19,32 @@ from etils import epath
 from lmoe_jax.data import provenance
 
 
-class SourceDirBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+PREPARATIONS = ('offline', 'manual')
+
+
+class ProjectBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """The registration attributes every project builder has (defaults: an offline builder)."""
+
+    PREPARATION: str = 'offline'
+    SOURCE_DIR_KNOB: Optional[str] = None  # config.data.<knob> -> the ``source_dir`` kwarg
+    TRAIN_SPLIT: str = 'train'
+    TEST_SPLIT: str = 'test'
+    FILE_NAME_FEATURE: Optional[str] = None  # relative image path, for image lists (image_lists.py)
+
+
+def can_reach(host: str, timeout_s: float = 5.0) -> bool:
+    """Whether ``host`` resolves: a quick offline check before TFDS starts long download retries."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout_s)
+        return True
+    except Exception:  # noqa: BLE001 - unresolvable or slow both mean "do not try"
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
+class SourceDirBuilder(ProjectBuilder, skip_registration=True):
     """A builder that reads ``SOURCE_FILES`` from a local (or gs://) directory; no download.
 
     ``source_dir=None`` means the class's ``DEFAULT_SOURCE_DIR``. The files are read when the
@@ -50,3 +84,42 @@ def image_examples(images: np.ndarray, labels: Optional[np.ndarray] = None,
         if labels is not None:
             example['label'] = int(labels[i])
         yield f'{key_prefix}{i:06d}', example
+
+
+class ManualDirBuilder(ProjectBuilder, skip_registration=True):
+    """A builder that reads a download the user placed in the manual directory.
+
+    ``manual_dir=None`` means TFDS's default ``<data_dir>/downloads/manual``. Subclasses set
+    ``MANUAL_DOWNLOAD_INSTRUCTIONS`` (what to download from where, and the layout expected).
+    ``allow_download`` is False when config.data.download is False; builders without a public
+    URL ignore it.
+    """
+
+    PREPARATION = 'manual'
+
+    def __init__(self, *, allow_download: bool = True,
+                 manual_dir: Optional[epath.PathLike] = None, **kwargs):
+        self.allow_download = allow_download
+        self._manual_dir = manual_dir
+        super().__init__(**kwargs)
+
+    @property
+    def manual_root(self) -> epath.Path:
+        """The manual directory: the one given, else TFDS's default <data_dir>/downloads/manual."""
+        if self._manual_dir:
+            return epath.Path(self._manual_dir)
+        return epath.Path(self.data_dir_root) / 'downloads' / 'manual'
+
+    def missing(self, what: str) -> FileNotFoundError:
+        """The error for a missing or incomplete download: what is wrong, then the instructions."""
+        return FileNotFoundError(f'{self.name}: {what}\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+
+
+def files_under(root: epath.Path) -> dict:
+    """Every file below ``root``, by its path relative to ``root`` (sorted)."""
+    out = {}
+    for directory, _, names in root.walk():
+        for name in names:
+            path = epath.Path(directory) / name
+            out[str(path.relative_to(root))] = path
+    return dict(sorted(out.items()))

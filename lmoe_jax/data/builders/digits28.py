@@ -14,7 +14,7 @@ from etils import epath
 from PIL import Image
 
 from lmoe_jax.data import provenance
-from lmoe_jax.data.builders.common import image_examples
+from lmoe_jax.data.builders.common import ProjectBuilder, image_examples
 
 SKLEARN_FILE = 'digits.csv.gz'  # what load_digits reads, in sklearn/datasets/data/
 
@@ -28,8 +28,10 @@ def digits_to_28px(digits_8x8: np.ndarray) -> np.ndarray:
     return out
 
 
-class Digits28(tfds.core.GeneratorBasedBuilder):
+class Digits28(ProjectBuilder):
     """sklearn digits resized to 28x28; one split 'test' (it is a coarse OOD test set)."""
+
+    TRAIN_SPLIT = 'test'  # one split: used as coarse OOD
 
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'sklearn load_digits, 20x20 bilinear in a 28x28 frame.'}

@@ -31,6 +31,7 @@ class FashionMnistIdx(SourceDirBuilder):
     RELEASE_NOTES = {'1.0.0': 'Read from local idx files.'}
     DEFAULT_SOURCE_DIR = '/usr/share/datasets/fashion-mnist'
     SOURCE_FILES = tuple(name for pair in FILES.values() for name in pair)
+    SOURCE_DIR_KNOB = 'fashion_mnist_dir'
 
     def _info(self):
         return self.dataset_info_from_configs(

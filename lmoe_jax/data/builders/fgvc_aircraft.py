@@ -8,14 +8,13 @@ MixOE benchmark code, which does not crop it).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 from PIL import Image
 
 from lmoe_jax.data import provenance
+from lmoe_jax.data.builders.common import ManualDirBuilder, can_reach, files_under
 from lmoe_jax.data.files import DataFileError
 
 URL = 'https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz'
@@ -57,35 +56,13 @@ def is_readable_image(path: epath.PathLike) -> bool:
         return False
 
 
-def files_under(root: epath.Path) -> dict:
-    """Every file below ``root``, by its path relative to ``root`` (sorted)."""
-    out = {}
-    for directory, _, names in root.walk():
-        for name in names:
-            path = epath.Path(directory) / name
-            out[str(path.relative_to(root))] = path
-    return dict(sorted(out.items()))
-
-
-class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
+class FgvcAircraft(ManualDirBuilder):
     """FGVC-Aircraft 2013b at the variant level (100 classes)."""
 
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'Variant level, trainval/test, original JPEG bytes.'}
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS
-
-    def __init__(self, *, allow_download: bool = True,
-                 manual_dir: Optional[epath.PathLike] = None, **kwargs):
-        self.allow_download = allow_download
-        self._manual_dir = manual_dir
-        super().__init__(**kwargs)
-
-    @property
-    def manual_root(self) -> epath.Path:
-        """The manual directory: the one given, else TFDS's default <data_dir>/downloads/manual."""
-        if self._manual_dir:
-            return epath.Path(self._manual_dir)
-        return epath.Path(self.data_dir_root) / 'downloads' / 'manual'
+    FILE_NAME_FEATURE = 'image/filename'
 
     def source(self) -> provenance.Source:
         """The archive (or its extracted folder) in the manual directory; else the URL, unchecked."""
@@ -147,7 +124,6 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
             raise FileNotFoundError(
                 f'fgvc_aircraft: no {ARCHIVE} or {FOLDER}/ in the manual directory {manual} and '
                 'downloading is off (config.data.download=False).\n' + MANUAL_INSTRUCTIONS)
-        from lmoe_jax.data.sources import can_reach
         if not can_reach('www.robots.ox.ac.uk'):
             raise FileNotFoundError(
                 f'fgvc_aircraft: no {ARCHIVE} or {FOLDER}/ in the manual directory {manual} and no '
