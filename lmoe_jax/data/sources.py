@@ -139,12 +139,14 @@ def open_builder(name: str, cfg: Any) -> tfds.core.DatasetBuilder:
     if preparation(name) == 'manual':
         kwargs['allow_download'] = bool(_get(cfg, 'download', True))
         kwargs['manual_dir'] = _get(cfg, 'manual_dir')
+    tfds_name, name_kwargs = builders.builder_args(name)  # 'folder:<path>' -> image_tree
+    kwargs.update(name_kwargs)
     try:
-        builder = tfds.builder(name, **kwargs)
+        builder = tfds.builder(tfds_name, **kwargs)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DataConfigError(
-            f"Unknown dataset '{name}': use a TFDS catalog name (e.g. caltech_birds2011, cars196) "
-            f"or one of the project's builders {sorted(builders.PROJECT_BUILDERS)}.") from e
+            f"Unknown dataset '{name}': use a TFDS catalog name (e.g. caltech_birds2011), one of "
+            f"the project's builders {sorted(builders.PROJECT_BUILDERS)} or 'folder:<path>'.") from e
     source = builder.source() if hasattr(builder, 'source') and _would_download() else None
     was_prepared = builder.is_prepared()
     rebuild = _source_changed(name, builder, source, cfg) if source and was_prepared else None
@@ -173,7 +175,7 @@ def open_builder(name: str, cfg: Any) -> tfds.core.DatasetBuilder:
         provenance.write_record(builder, record)
     if rebuild:  # a fresh builder reads the new files' info; cached labels are stale
         forget_labels(builder)
-        builder = tfds.builder(name, **kwargs)
+        builder = tfds.builder(tfds_name, **kwargs)
     return builder
 
 

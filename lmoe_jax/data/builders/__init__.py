@@ -8,15 +8,26 @@ from lmoe_jax.data.builders.common import ProjectBuilder
 from lmoe_jax.data.builders.digits28 import Digits28
 from lmoe_jax.data.builders.fashion_mnist_idx import FashionMnistIdx
 from lmoe_jax.data.builders.fgvc_aircraft import FgvcAircraft
+from lmoe_jax.data.builders.image_tree import ImageTree
+from lmoe_jax.data.builders.webvision import Webvision1Outliers
 
 PROJECT_BUILDERS = {cls.name: cls for cls in (
-    FashionMnistIdx, AnimalMnist, Digits28, FgvcAircraft)}
+    FashionMnistIdx, AnimalMnist, Digits28, FgvcAircraft, Webvision1Outliers, ImageTree)}
+FOLDER_PREFIX = 'folder:'  # config dataset names 'folder:<path>' = every image below <path>
+
+
+def builder_args(name: str) -> tuple[str, dict]:
+    """The TFDS name and extra constructor kwargs of a config dataset name."""
+    if name.startswith(FOLDER_PREFIX):
+        return ImageTree.name, {'root': name[len(FOLDER_PREFIX):]}
+    return name, {}
 
 
 def project_builder(name: str):
     """The project's builder class registered as ``name``, or None (a TFDS catalog dataset)."""
-    return PROJECT_BUILDERS.get(name)
+    return PROJECT_BUILDERS.get(builder_args(name)[0])
 
 
-__all__ = ['AnimalMnist', 'Digits28', 'FashionMnistIdx', 'FgvcAircraft', 'PROJECT_BUILDERS',
-           'ProjectBuilder', 'project_builder']
+__all__ = ['AnimalMnist', 'Digits28', 'FashionMnistIdx', 'FgvcAircraft', 'FOLDER_PREFIX',
+           'ImageTree', 'PROJECT_BUILDERS', 'ProjectBuilder', 'Webvision1Outliers', 'builder_args',
+           'project_builder']
