@@ -126,12 +126,8 @@ def _source_changed(name: str, builder, source: provenance.Source, cfg) -> Optio
     return None
 
 
-def open_builder(name: str, cfg: Any) -> tfds.core.DatasetBuilder:
-    """The prepared TFDS builder of ``name`` (prepared now if possible), or one clear error.
-
-    A project builder whose prepared copy no longer matches its source files (another source
-    directory, a changed file, no record) is rebuilt with a warning; see provenance.py.
-    """
+def make_builder(name: str, cfg: Any) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of ``name`` with the config's directories, neither prepared nor checked."""
     kwargs = {'data_dir': _get(cfg, 'data_dir')}
     knob = source_dir_knob(name)
     if knob:
@@ -140,13 +136,21 @@ def open_builder(name: str, cfg: Any) -> tfds.core.DatasetBuilder:
         kwargs['allow_download'] = bool(_get(cfg, 'download', True))
         kwargs['manual_dir'] = _get(cfg, 'manual_dir')
     tfds_name, name_kwargs = builders.builder_args(name)  # 'folder:<path>' -> image_tree
-    kwargs.update(name_kwargs)
     try:
-        builder = tfds.builder(tfds_name, **kwargs)
+        return tfds.builder(tfds_name, **kwargs, **name_kwargs)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DataConfigError(
             f"Unknown dataset '{name}': use a TFDS catalog name (e.g. caltech_birds2011), one of "
             f"the project's builders {sorted(builders.PROJECT_BUILDERS)} or 'folder:<path>'.") from e
+
+
+def open_builder(name: str, cfg: Any) -> tfds.core.DatasetBuilder:
+    """The prepared TFDS builder of ``name`` (prepared now if possible), or one clear error.
+
+    A project builder whose prepared copy no longer matches its source files (another source
+    directory, a changed file, no record) is rebuilt with a warning; see provenance.py.
+    """
+    builder = make_builder(name, cfg)
     source = builder.source() if hasattr(builder, 'source') and _would_download() else None
     was_prepared = builder.is_prepared()
     rebuild = _source_changed(name, builder, source, cfg) if source and was_prepared else None
@@ -175,7 +179,7 @@ def open_builder(name: str, cfg: Any) -> tfds.core.DatasetBuilder:
         provenance.write_record(builder, record)
     if rebuild:  # a fresh builder reads the new files' info; cached labels are stale
         forget_labels(builder)
-        builder = tfds.builder(tfds_name, **kwargs)
+        builder = make_builder(name, cfg)
     return builder
 
 
