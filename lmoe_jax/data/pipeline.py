@@ -11,12 +11,18 @@ repeats endlessly within it. So ``start_step=k`` rebuilds epoch ``k // steps_per
 Model selection never sees the test's OOD classes: validation is held-out ID training images
 and held-out auxiliary outliers (``config.data.outlier_val_fraction``), which the outlier
 stream then never draws.
+
+``config.data.image_lists`` (MixOE's info/<dataset> lists, image_lists.py) replaces the dataset's
+splits and labels: train / val / test are exactly the listed images, validation is val.txt.
+``config.data.coarse_ood_image_lists`` ({dataset: lists folder}) makes a coarse OOD set that
+dataset's listed test images.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import math
+import random
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -24,7 +30,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from lmoe_jax.data import preprocess, sources
+from lmoe_jax.data import image_lists, preprocess, sources
 from lmoe_jax.data.sources import DataConfigError, _get
 from lmoe_jax.data.splits import ClassSplit, class_split
 
@@ -112,6 +118,11 @@ class _IdData:
     val_split: Optional[str]  # the held-out share, or None
     full_train_split: str
     test_split: str
+    # With config.data.image_lists: the listed images of each split read above (else None).
+    train_select: Optional[image_lists.Selection] = None
+    val_select: Optional[image_lists.Selection] = None
+    full_train_select: Optional[image_lists.Selection] = None
+    test_select: Optional[image_lists.Selection] = None
 
     def id_label(self, label: tf.Tensor) -> tf.Tensor:
         return tf.gather(tf.constant(self.split.label_map(), tf.int64), label)
@@ -129,9 +140,17 @@ def _id_data(cfg) -> _IdData:
         raise DataConfigError('config.data.dataset is empty; name the ID dataset.')
     builder = sources.open_builder(name, cfg)
     num_classes = int(_get(cfg, 'num_classes'))
-    sources.check_num_classes(builder, name, num_classes)
+    lists = _get(cfg, 'image_lists', None)
+    if not lists and getattr(builder, 'NEEDS_IMAGE_LISTS', False):
+        raise DataConfigError(
+            f"dataset '{name}' has no official train/test split: set config.data.image_lists to "
+            "MixOE's info/<dataset>/ folder (train.txt, val.txt, test.txt).")
+    if not lists:
+        sources.check_num_classes(builder, name, num_classes)
     split = class_split(num_classes, int(_get(cfg, 'num_id_classes')), int(_get(cfg, 'split', 0)),
                         _get(cfg, 'id_classes'))
+    if lists:
+        return _IdData(name, builder, split, **_listed_splits(builder, lists, num_classes, cfg))
     spec = sources.spec(name)
     fraction = float(_get(cfg, 'val_fraction', 0.0) or 0.0)
     if not 0.0 <= fraction < 1.0:
@@ -141,6 +160,60 @@ def _id_data(cfg) -> _IdData:
         train_split = sources.slice_split(spec.train_split, 1 - fraction, builder, keep_head=True)
         val_split = sources.slice_split(spec.train_split, 1 - fraction, builder, keep_head=False)
     return _IdData(name, builder, split, train_split, val_split, spec.train_split, spec.test_split)
+
+
+def _split_names(builder) -> dict:
+    """Each split of the prepared dataset -> its file names."""
+    return {s: sources.file_names_of(builder, s) for s in builder.info.splits.keys()}
+
+
+def _listed_splits(builder, directory, num_classes: int, cfg) -> dict:
+    """_IdData's split fields from MixOE's lists: each role reads the dataset splits that hold its
+    images and keeps the listed ones with labels < num_classes (MixOE's range(ID + OOD))."""
+    lists = image_lists.read_lists(directory)
+    top = max(max(s.labels) for s in lists.values())
+    if num_classes > top + 1:
+        raise DataConfigError(
+            f'config.data.num_classes={num_classes} but the labels of {directory} stop at {top}: '
+            f'classes {top + 1}..{num_classes - 1} would have no image.')
+    if float(_get(cfg, 'val_fraction', 0.0) or 0.0) > 0:
+        logging.warning('config.data.val_fraction is ignored: with image_lists validation is val.txt.')
+    names = _split_names(builder)
+    out = {}
+    for role in ('train', 'val', 'test'):
+        if role not in lists:
+            logging.warning('%s has no val.txt: no ID validation set.', directory)
+            out.update(val_split=None, val_select=None)
+            continue
+        kept, dropped = image_lists.restrict(lists[role], num_classes)
+        if dropped:
+            logging.info('%s: %d images with labels >= num_classes=%d are no class of this '
+                         'benchmark and are left out (as in MixOE).', lists[role].origin, dropped,
+                         num_classes)
+        if not kept.names:
+            raise DataConfigError(f'{lists[role].origin} lists no image of a class below {num_classes}.')
+        out[f'{role}_split'] = image_lists.splits_holding(kept, names)
+        out[f'{role}_select'] = kept
+    if out['val_select'] is None:
+        out.update(full_train_split=out['train_split'], full_train_select=out['train_select'])
+    else:
+        full = image_lists.merged(out['train_select'], out['val_select'])
+        out.update(full_train_split=image_lists.splits_holding(full, names), full_train_select=full)
+    return out
+
+
+def _coarse_selection(name: str, builder, cfg):
+    """(split, selection) of a coarse OOD dataset: its listed test images when
+    config.data.coarse_ood_image_lists names lists for it, else its whole test split."""
+    directory = _get(_get(cfg, 'coarse_ood_image_lists', None) or {}, name)
+    if not directory:
+        if getattr(builder, 'NEEDS_IMAGE_LISTS', False):
+            raise DataConfigError(
+                f"coarse OOD dataset '{name}' has no official test split: add its MixOE lists "
+                f"folder to config.data.coarse_ood_image_lists (e.g. {{'{name}': '.../info/...'}}).")
+        return sources.spec(name).test_split, None
+    selection = image_lists.read_lists(directory)['test']  # every label: MixOE keeps them all
+    return image_lists.splits_holding(selection, _split_names(builder)), selection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +244,8 @@ def _outlier_data(cfg) -> _OutlierData:
                         sources.slice_split(split, 1 - fraction, builder, keep_head=False))
 
 
-def _count(builder, split, keep: Callable[[np.ndarray], np.ndarray]) -> int:
-    return int(np.sum(keep(sources.labels_of(builder, split))))
+def _count(builder, split, keep: Callable[[np.ndarray], np.ndarray], select=None) -> int:
+    return int(np.sum(keep(sources.labels_of(builder, split, select))))
 
 
 def _np_is_id(data: _IdData) -> Callable[[np.ndarray], np.ndarray]:
@@ -186,7 +259,7 @@ def _np_is_ood(data: _IdData) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _train_sizes(data: _IdData, process_count: int) -> tuple:
-    return tuple(_count(data.builder, part, _np_is_id(data))
+    return tuple(_count(data.builder, part, _np_is_id(data), data.train_select)
                  for part in _parts(data.train_split, process_count))
 
 
@@ -252,7 +325,7 @@ class TrainStream:
             return ds.map(lambda ex: {**ex, 'image': preprocess.decode(ex['image'], channels)},
                           num_parallel_calls=AUTOTUNE).ignore_errors().cache()
 
-        id_part = sources.read(self._id.builder, self._id_part).filter(
+        id_part = sources.read(self._id.builder, self._id_part, select=self._id.train_select).filter(
             lambda ex: self._id.is_id(ex['label']))
         return {'id': decoded(id_part),
                 'ood': decoded(sources.read(self._ood_builder, self._ood_part))}
@@ -273,7 +346,8 @@ class TrainStream:
                 ds = self._cached['id']
             else:
                 ds = sources.read(self._id.builder, self._id_part, shuffle_files=True,
-                                  file_seed=_seed(s, 'id-files', p, epoch))
+                                  file_seed=_seed(s, 'id-files', p, epoch),
+                                  select=self._id.train_select)
                 ds = ds.filter(lambda ex: self._id.is_id(ex['label']))
             ds = ds.shuffle(buffer, seed=_seed(s, 'id-shuffle', p, epoch),
                             reshuffle_each_iteration=False)
@@ -342,13 +416,14 @@ def train_stream(data_config, *, batch_size: int, seed: int, start_step: int = 0
 
 
 def _eval_set(name: str, kind: str, builder, split, keep_np, keep_tf, label_tf, cfg,
-              batch_size: int, process_index: int, process_count: int) -> EvalSet:
-    """Padded, masked eval batches of this process's part; every process yields as many batches."""
+              batch_size: int, process_index: int, process_count: int, select=None) -> EvalSet:
+    """Padded, masked eval batches of this process's part; every process yields as many batches.
+    ``select``: only the images of an image list (image_lists.py)."""
     batch_size = int(batch_size)
     if batch_size < 1:
         raise DataConfigError(f'eval batch_size={batch_size} must be >= 1.')
     parts = _parts(split, process_count)
-    counts = [_count(builder, part, keep_np) for part in parts]
+    counts = [_count(builder, part, keep_np, select) for part in parts]
     num_batches = math.ceil(max(counts) / batch_size) if counts else 0
     t = transform_from_config(cfg)
     part = parts[process_index]
@@ -366,7 +441,7 @@ def _eval_set(name: str, kind: str, builder, split, keep_np, keep_tf, label_tf, 
         missing = batch_size - tf.shape(batch['mask'])[0]
         return {key: tf.concat([value, empty[key][:missing]], axis=0) for key, value in batch.items()}
 
-    prepared = sources.read(builder, part).filter(lambda ex: keep_tf(ex['label']))
+    prepared = sources.read(builder, part, select=select).filter(lambda ex: keep_tf(ex['label']))
     prepared = prepared.map(prepare, num_parallel_calls=AUTOTUNE).ignore_errors()
     if _get(cfg, 'cache', False):  # decoded once, kept in memory for every later pass
         prepared = prepared.cache()
@@ -405,9 +480,9 @@ def eval_datasets(data_config, *, batch_size: int, process_index: Optional[int] 
     data = _id_data(data_config)
     sets = [
         _eval_set('id_test', 'id', data.builder, data.test_split, _np_is_id(data), data.is_id,
-                  data.id_label, data_config, batch_size, p, n),
+                  data.id_label, data_config, batch_size, p, n, data.test_select),
         _eval_set('fine_ood_test', 'fine_ood', data.builder, data.test_split, _np_is_ood(data),
-                  data.is_ood, _ood_label, data_config, batch_size, p, n),
+                  data.is_ood, _ood_label, data_config, batch_size, p, n, data.test_select),
     ]
     coarse = _get(data_config, 'coarse_ood', ()) or ()
     if isinstance(coarse, str):
@@ -416,12 +491,25 @@ def eval_datasets(data_config, *, batch_size: int, process_index: Optional[int] 
         if name == data.name:
             raise DataConfigError(f"config.data.coarse_ood lists the ID dataset '{name}'; remove it.")
         builder = sources.open_builder(name, data_config)
-        split = sources.spec(name).test_split
+        split, select = _coarse_selection(name, builder, data_config)
         if _get(data_config, 'coarse_ood_subsample', False):
-            split = _subsample(builder, split, sets[0].num_examples)
+            if select is None:
+                split = _subsample(builder, split, sets[0].num_examples)
+            else:
+                select = _subsample_list(select, sets[0].num_examples)
         sets.append(_eval_set(name, 'coarse_ood', builder, split, _all, _keep_all,
-                              _ood_label, data_config, batch_size, p, n))
+                              _ood_label, data_config, batch_size, p, n, select))
     return sets
+
+
+def _subsample_list(selection: image_lists.Selection, size: int) -> image_lists.Selection:
+    """``size`` listed images drawn with random.Random(0) (MixOE draws with random.seed(0)),
+    kept in list order."""
+    if len(selection.names) <= size:
+        return selection
+    keep = sorted(random.Random(0).sample(range(len(selection.names)), size))
+    return image_lists.Selection(tuple(selection.names[i] for i in keep),
+                                 tuple(selection.labels[i] for i in keep), selection.origin)
 
 
 def _subsample(builder, split: str, size: int) -> str:
@@ -445,7 +533,8 @@ def validation_datasets(data_config, *, batch_size: int, process_index: Optional
     sets = []
     if data.val_split is not None:
         sets.append(_eval_set('id_val', 'id', data.builder, data.val_split, _np_is_id(data),
-                              data.is_id, data.id_label, data_config, batch_size, p, n))
+                              data.is_id, data.id_label, data_config, batch_size, p, n,
+                              data.val_select))
     outliers = _outlier_data(data_config)
     if outliers.val_split is not None:
         sets.append(_eval_set('outlier_val', 'ood', outliers.builder, outliers.val_split, _all,
@@ -462,7 +551,8 @@ def fine_ood_diagnostic_dataset(data_config, *, batch_size: int,
     p, n = _process(process_index, process_count)
     data = _id_data(data_config)
     return _eval_set('fine_ood_diag', 'fine_ood', data.builder, data.full_train_split,
-                     _np_is_ood(data), data.is_ood, _ood_label, data_config, batch_size, p, n)
+                     _np_is_ood(data), data.is_ood, _ood_label, data_config, batch_size, p, n,
+                     data.full_train_select)
 
 
 def id_train_eval_dataset(data_config, *, batch_size: int, process_index: Optional[int] = None,
@@ -472,4 +562,4 @@ def id_train_eval_dataset(data_config, *, batch_size: int, process_index: Option
     p, n = _process(process_index, process_count)
     data = _id_data(data_config)
     return _eval_set('id_train', 'id', data.builder, data.train_split, _np_is_id(data), data.is_id,
-                     data.id_label, data_config, batch_size, p, n)
+                     data.id_label, data_config, batch_size, p, n, data.train_select)

@@ -18,7 +18,7 @@ from absl import logging
 from etils import epath
 
 from lmoe_jax.data import builders  # registers the project's builders with TFDS
-from lmoe_jax.data import provenance
+from lmoe_jax.data import image_lists, provenance
 from lmoe_jax.data.builders.common import can_reach
 
 
@@ -193,21 +193,41 @@ def check_num_classes(builder, name: str, expected: int) -> int:
     return actual
 
 
+def file_name_feature(builder) -> str:
+    """The builder's feature holding each image's relative path (what image lists name)."""
+    feature = getattr(builder, 'FILE_NAME_FEATURE', None)
+    if not feature:
+        raise DataConfigError(f"dataset '{builder.name}' records no image file names, so "
+                              'config.data.image_lists cannot select its images.')
+    return feature
+
+
 def read(builder, split, *, with_image: bool = True, shuffle_files: bool = False,
-         file_seed: Optional[int] = None, reshuffle: bool = False) -> tf.data.Dataset:
-    """A split (or a part of one) as {'image': encoded bytes, 'label': int64}, no decoding."""
+         file_seed: Optional[int] = None, reshuffle: bool = False,
+         select: Optional[image_lists.Selection] = None,
+         with_file_name: bool = False) -> tf.data.Dataset:
+    """A split (or a part of one) as {'image': encoded bytes, 'label': int64}, no decoding.
+
+    ``select``: only the images of an image list, labelled as the list says (image_lists.py).
+    ``with_file_name``: the file name feature is kept too.
+    """
     features = {'label': True}
     decoders = None
     if with_image:
         features['image'] = True
         decoders = {'image': tfds.decode.SkipDecoding()}
+    if select is not None or with_file_name:
+        features[file_name_feature(builder)] = True
     read_config = tfds.ReadConfig(
         shuffle_seed=file_seed if shuffle_files else None,
         shuffle_reshuffle_each_iteration=reshuffle if shuffle_files else None,
         try_autocache=False, skip_prefetch=True)
-    return builder.as_dataset(
+    ds = builder.as_dataset(
         split=split, shuffle_files=shuffle_files, read_config=read_config,
         decoders=tfds.decode.PartialDecoding(features, decoders=decoders))
+    if select is not None:
+        ds = image_lists.select(ds, select, file_name_feature(builder))
+    return ds
 
 
 _LABEL_CACHE: dict = {}
@@ -219,23 +239,47 @@ def forget_labels(builder) -> None:
         del _LABEL_CACHE[key]
 
 
-def labels_of(builder, split) -> np.ndarray:
-    """All labels of a split (part) in read order, without touching the images.
+def labels_of(builder, split, select: Optional[image_lists.Selection] = None) -> np.ndarray:
+    """All labels of a split (part) in read order, without touching the images; with ``select``
+    only the listed images' list labels.
 
-    Cached per prepared dataset folder and split, so the many size queries of a run read once.
+    Cached per prepared dataset folder, split and selection, so the many size queries of a run
+    read once.
     """
     key = None
     if builder.is_prepared():  # never cache mocked or half-built data
-        key = (str(builder.data_dir), str(split))
+        key = (str(builder.data_dir), str(split), select.key if select is not None else None)
         if key in _LABEL_CACHE:
             return _LABEL_CACHE[key]
     # The same features as the image reads (images left encoded): mocked data then agrees too.
-    ds = read(builder, split).map(lambda ex: ex['label']).batch(1024)  # big batches preallocate
+    ds = read(builder, split, select=select).map(_label).batch(1024)  # big batches preallocate
     parts = [np.asarray(b) for b in ds.as_numpy_iterator()]
     labels = np.concatenate(parts) if parts else np.zeros([0], np.int64)
     if key is not None:
         _LABEL_CACHE[key] = labels
     return labels
+
+
+def _label(example):
+    return example['label']
+
+
+def file_names_of(builder, split) -> np.ndarray:
+    """The file names (bytes) of a split in read order; cached like labels_of."""
+    key = (str(builder.data_dir), str(split), 'file names')
+    if builder.is_prepared() and key in _LABEL_CACHE:
+        return _LABEL_CACHE[key]
+    feature = file_name_feature(builder)
+
+    def file_name(example):
+        return example[feature]
+
+    ds = read(builder, split, with_image=False, with_file_name=True).map(file_name).batch(1024)
+    parts = [np.asarray(b) for b in ds.as_numpy_iterator()]
+    names = np.concatenate(parts) if parts else np.zeros([0], object)
+    if builder.is_prepared():
+        _LABEL_CACHE[key] = names
+    return names
 
 
 def num_examples(builder, split) -> int:

@@ -4,15 +4,19 @@
 its source-directory knob, its splits and its manual instructions (builders/common.py).
 """
 from lmoe_jax.data.builders.animal_mnist import AnimalMnist
+from lmoe_jax.data.builders.butterfly200 import Butterfly200
 from lmoe_jax.data.builders.common import ProjectBuilder
 from lmoe_jax.data.builders.digits28 import Digits28
 from lmoe_jax.data.builders.fashion_mnist_idx import FashionMnistIdx
 from lmoe_jax.data.builders.fgvc_aircraft import FgvcAircraft
 from lmoe_jax.data.builders.image_tree import ImageTree
+from lmoe_jax.data.builders.nabirds import Nabirds
+from lmoe_jax.data.builders.stanford_cars import StanfordCars
 from lmoe_jax.data.builders.webvision import Webvision1Outliers
 
 PROJECT_BUILDERS = {cls.name: cls for cls in (
-    FashionMnistIdx, AnimalMnist, Digits28, FgvcAircraft, Webvision1Outliers, ImageTree)}
+    FashionMnistIdx, AnimalMnist, Digits28, FgvcAircraft, Nabirds, Butterfly200, StanfordCars,
+    Webvision1Outliers, ImageTree)}
 FOLDER_PREFIX = 'folder:'  # config dataset names 'folder:<path>' = every image below <path>
 
 
@@ -28,6 +32,6 @@ def project_builder(name: str):
     return PROJECT_BUILDERS.get(builder_args(name)[0])
 
 
-__all__ = ['AnimalMnist', 'Digits28', 'FashionMnistIdx', 'FgvcAircraft', 'FOLDER_PREFIX',
-           'ImageTree', 'PROJECT_BUILDERS', 'ProjectBuilder', 'Webvision1Outliers', 'builder_args',
-           'project_builder']
+__all__ = ['AnimalMnist', 'Butterfly200', 'Digits28', 'FashionMnistIdx', 'FgvcAircraft',
+           'FOLDER_PREFIX', 'ImageTree', 'Nabirds', 'PROJECT_BUILDERS', 'ProjectBuilder',
+           'StanfordCars', 'Webvision1Outliers', 'builder_args', 'project_builder']

@@ -9,14 +9,18 @@ place there), ``SOURCE_DIR_KNOB`` (the config.data knob holding its source direc
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import socket
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from PIL import Image
 
 from lmoe_jax.data import provenance
+from lmoe_jax.data.builders import image_files
+from lmoe_jax.data.files import DataFileError
 
 
 PREPARATIONS = ('offline', 'manual')
@@ -30,6 +34,7 @@ class ProjectBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     TRAIN_SPLIT: str = 'train'
     TEST_SPLIT: str = 'test'
     FILE_NAME_FEATURE: Optional[str] = None  # relative image path, for image lists (image_lists.py)
+    NEEDS_IMAGE_LISTS: bool = False  # no official split: config.data.image_lists gives them
 
 
 def can_reach(host: str, timeout_s: float = 5.0) -> bool:
@@ -123,3 +128,51 @@ def files_under(root: epath.Path) -> dict:
             path = epath.Path(directory) / name
             out[str(path.relative_to(root))] = path
     return dict(sorted(out.items()))
+
+
+def decodable(data: bytes) -> bool:
+    """Whether PIL fully decodes ``data`` (a truncated JPEG or a non-image is not)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+        return True
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _checked_image(path: epath.Path) -> Optional[bytes]:
+    try:
+        data = image_files.stored_bytes(path.read_bytes())
+    except OSError:
+        return None
+    return data if data is not None and decodable(data) else None
+
+
+def checked_images(paths: Sequence[epath.Path], threads: int = 8,
+                   chunk: int = 256) -> Iterator[tuple[epath.Path, Optional[bytes]]]:
+    """(path, bytes to store or None) per path, in order: TensorFlow-decodable bytes (the file's
+    own, or a PNG made once for formats TensorFlow cannot read; see image_files.stored_bytes),
+    None when the file does not fully decode. Read and checked by a thread pool (PIL decodes
+    without the GIL), a chunk at a time so memory stays bounded."""
+    paths = list(paths)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for start in range(0, len(paths), chunk):
+            part = paths[start:start + chunk]
+            yield from zip(part, pool.map(_checked_image, part))
+
+
+def read_text_lines(path: epath.Path) -> list[str]:
+    """The non-empty lines of a text file, stripped (UTF-8; a BOM or CRLF endings are tolerated)."""
+    text = epath.Path(path).read_text(encoding='utf-8-sig')
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def id_pairs(path: epath.Path, what: str) -> list[tuple[str, str]]:
+    """'<id> <value>' lines of an annotation file; the value may hold spaces."""
+    pairs = []
+    for line_no, line in enumerate(read_text_lines(path), 1):
+        key, sep, value = line.partition(' ')
+        if not sep or not value.strip():
+            raise DataFileError(f'{path}:{line_no} must read "<id> <{what}>", got {line!r}.')
+        pairs.append((key, value.strip()))
+    return pairs

@@ -1,0 +1,250 @@
+"""MixOE's benchmarks from tiny fake downloads in the real layouts, and MixOE's image lists.
+
+The fake NABirds, Butterfly-200 and Stanford Cars (data_fixtures) carry the real files' quirks:
+spaces in file names, grey and CMYK JPEGs, PNGs named .jpg, nested folders, a truncated JPEG.
+Every image is one unique colour, so a decoded row names its file; expected colours are what PIL
+decodes from the written bytes. Expected class splits are MixOE's eval.py rule written here with
+numpy (``RandomState(split).choice(ID + OOD, ID)``), not read from lmoe_jax.
+"""
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import data_fixtures as fx
+from lmoe_jax import data
+from lmoe_jax.data import image_lists, sources
+from lmoe_jax.data.files import DataFileError
+from lmoe_jax.data.sources import DataConfigError, DatasetNotReadyError
+
+B = 2
+
+
+def _mixoe_split(num_id, num_ood, split=0):
+    ids = set(int(c) for c in np.random.RandomState(split).choice(num_id + num_ood, num_id, replace=False))
+    return ids, sorted(set(range(num_id + num_ood)) - ids)
+
+
+def _examples(builder, split):
+    """file name -> (label, image) of every example of a split, decoded by TFDS."""
+    rows = tfds.as_numpy(builder.as_dataset(split=split))
+    return {r['image/filename'].decode(): (int(r['label']), r['image']) for r in rows}
+
+
+def _check_pixels(rows, expected):
+    for name, (_, image) in rows.items():
+        assert image.dtype == np.uint8 and image.shape[-1] == 3
+        assert fx.identify(image[None], {name: expected[name]['signature']}) == [name]
+
+
+@pytest.fixture(scope='module')
+def downloads(tmp_path_factory):
+    root = tmp_path_factory.mktemp('benchmarks')
+    manual = root / 'manual'
+    files = {'nabirds': fx.write_fake_nabirds(str(manual / 'nabirds')),
+             'butterfly200': fx.write_fake_butterfly(str(manual / 'butterfly200')),
+             'stanford_cars': fx.write_fake_cars(str(manual / 'stanford_cars'))}
+    return root, files
+
+
+def _cfg(root, **kw):
+    return ml_collections.ConfigDict(dict(data_dir=str(root / 'tfds'), manual_dir=str(root / 'manual'),
+                                          download=False, **kw))
+
+
+# --- the builders ------------------------------------------------------------------------------
+
+def test_nabirds_reads_every_decodable_image_with_dense_labels(downloads):
+    root, files = downloads
+    builder = sources.open_builder('nabirds', _cfg(root))
+    expected = files['nabirds']
+    rank = {c: i for i, c in enumerate(sorted({v['class_id'] for v in expected.values()}))}
+    for split, train in (('train', True), ('test', False)):
+        rows = _examples(builder, split)
+        wanted = {n for n, v in expected.items() if v['train'] == train and v['signature'] is not None}
+        assert set(rows) == wanted  # the truncated JPEG is skipped, the rest all there
+        assert {n: lab for n, (lab, _) in rows.items()} == {n: rank[expected[n]['class_id']] for n in wanted}
+        _check_pixels(rows, expected)
+    assert '0817/with space 0a1b.jpg' in _examples(builder, 'train')
+    assert builder.info.features['label'].num_classes == 555
+
+
+def test_butterfly_reads_species_folders_at_any_depth(downloads):
+    root, files = downloads
+    builder = sources.open_builder('butterfly200', _cfg(root))
+    expected = files['butterfly200']
+    rows = _examples(builder, 'images')
+    wanted = {n for n, v in expected.items() if v['signature'] is not None}
+    assert set(rows) == wanted  # no Thumbs.db, no truncated JPEG; nested and spaced names kept
+    assert {n: lab for n, (lab, _) in rows.items()} == {n: expected[n]['number'] - 1 for n in wanted}
+    _check_pixels(rows, expected)
+    assert list(builder.info.splits) == ['images']
+
+
+@pytest.mark.parametrize('layout', ['original', 'mirrored'])
+def test_cars_from_either_layout_of_the_devkit(tmp_path, layout):
+    files = fx.write_fake_cars(str(tmp_path / 'manual' / 'stanford_cars'), layout=layout)
+    builder = sources.open_builder('stanford_cars', _cfg(tmp_path))
+    for split in ('train', 'test'):
+        rows = _examples(builder, split)
+        wanted = {n for n, v in files.items()
+                  if n.startswith(f'cars_{split}/') and v['signature'] is not None}
+        assert set(rows) == wanted
+        assert {n: lab for n, (lab, _) in rows.items()} == {n: files[n]['class'] - 1 for n in wanted}
+        _check_pixels(rows, files)
+    names = {r['image/filename'].decode(): r['class_name'].decode()
+             for r in tfds.as_numpy(builder.as_dataset(split='train'))}
+    assert names['cars_train/00004.jpg'] == 'Make196 Model 196 2001'  # 196 % 13 = 1
+
+
+def test_cars_without_test_labels_names_the_file_and_the_route(tmp_path):
+    fx.write_fake_cars(str(tmp_path / 'manual' / 'stanford_cars'), test_labels=False)
+    with pytest.raises(DatasetNotReadyError) as err:
+        sources.open_builder('stanford_cars', _cfg(tmp_path))
+    message = str(err.value)
+    assert 'lacks cars_test_annos_withlabels.mat' in message
+    assert '404' in message and 'cars_train/cars_train/00001.jpg' in message
+
+
+def test_missing_download_gives_each_builders_own_instructions(tmp_path):
+    (tmp_path / 'manual').mkdir()
+    for name, words in (('nabirds', 'dl.allaboutbirds.org/nabirds'),
+                        ('butterfly200', 'images_small/<NNN>.<Genus_species>'),
+                        ('stanford_cars', 'cars_test_annos_withlabels.mat')):
+        with pytest.raises(DatasetNotReadyError) as err:
+            sources.open_builder(name, _cfg(tmp_path))
+        assert f"'{name}' is not prepared" in str(err.value) and words in str(err.value)
+
+
+# --- MixOE's lists -----------------------------------------------------------------------------
+
+def test_list_lines_read_as_mixoe_reads_them(tmp_path):
+    assert image_lists.parse_line('0817/0000139e.jpg 361', 'x') == ('0817/0000139e.jpg', 361)
+    assert image_lists.parse_line('001.A_b/IMG 01.jpg 1\r\n', 'x') == ('001.A_b/IMG 01.jpg', 1)
+    with pytest.raises(DataFileError, match='x must read'):
+        image_lists.parse_line('no_label.jpg', 'x')
+    fx.write_mixoe_lists(str(tmp_path), {'train': [('a.jpg', 0), ('a.jpg', 1)], 'test': [('b.jpg', 0)]})
+    with pytest.raises(DataFileError, match="train.txt:2 lists 'a.jpg' a second time"):
+        image_lists.read_lists(str(tmp_path))
+
+
+def _nabirds_lists(directory, files, ids, ood):
+    """MixOE-style lists with labels of our choosing (not the builder's): 295 -> an ID class,
+    298 -> an OOD class, 1005 -> another ID class, 817 -> 300 (>= 255: in no class of the benchmark)."""
+    label = {295: min(ids), 298: ood[0], 1005: max(ids), 817: 300}
+    rows = {n: (n, label[v['class_id']]) for n, v in files.items() if v['signature'] is not None}
+    train = [rows[n] for n, v in files.items() if n in rows and v['train']]
+    val = [r for r in train if r[0].startswith('0295/1b2c') or r[0].startswith('0298/4e5f')]
+    lists = {'train': [r for r in train if r not in val], 'val': val,
+             'test': [rows[n] for n, v in files.items() if n in rows and not v['train']]}
+    fx.write_mixoe_lists(str(directory), lists)
+    return lists
+
+
+def _pipeline_cfg(root, **kw):
+    base = dict(split=0, id_classes=None, outlier_dataset='digits28', coarse_ood=(),
+                val_fraction=0.0, image_size=12, resize_size=16, grayscale=False, normalize='none',
+                color_jitter=False, random_flip=True, shuffle_buffer=64)
+    base.update(kw)
+    return _cfg(root, **base)
+
+
+def _rows(eval_set, expected):
+    names, labels = [], []
+    for batch in eval_set.batches():
+        mask = batch['mask']
+        names += fx.identify(batch['image'][mask], expected)
+        labels += list(batch['label'][mask])
+    assert eval_set.num_examples == len(names)
+    return dict(zip(names, labels))
+
+
+def test_lists_fix_every_split_and_label_of_nabirds(downloads):
+    root, files = downloads
+    ids, ood = _mixoe_split(200, 55)
+    lists = _nabirds_lists(root / 'info_bird', files['nabirds'], ids, ood)
+    cars_lists = root / 'info_car'
+    cars = files['stanford_cars']
+    fx.write_mixoe_lists(str(cars_lists), {
+        'train': [(n, v['class'] - 1) for n, v in cars.items() if n.startswith('cars_train/')],
+        'test': [(n, v['class'] - 1) for n, v in cars.items()
+                 if n.startswith('cars_test/') and v['signature'] is not None]})
+    cfg = _pipeline_cfg(root, dataset='nabirds', num_classes=255, num_id_classes=200,
+                        image_lists=str(root / 'info_bird'), coarse_ood=('stanford_cars',),
+                        coarse_ood_image_lists={'stanford_cars': str(cars_lists)})
+    signatures = {n: v['signature'] for n, v in files['nabirds'].items() if v['signature'] is not None}
+    remap = {c: i for i, c in enumerate(sorted(ids))}
+
+    def part(split, keep):
+        return {n: lab for n, lab in lists[split] if keep(lab)}
+
+    in_id = lambda lab: lab in ids  # noqa: E731
+    in_ood = lambda lab: lab in ood  # noqa: E731
+    assert '0817/with space 0a1b.jpg' in dict(lists['train'])  # a 3-field line, label 300: left out
+    for split in ('train', 'val', 'test'):  # every set below is checked on ID and OOD images
+        assert part(split, in_id) and part(split, in_ood), split
+
+    stream = data.train_stream(cfg, batch_size=1, seed=0, process_index=0, process_count=1)
+    trained = {}
+    for _ in range(stream.steps_per_epoch):
+        batch = next(stream)
+        trained.update(zip(fx.identify(batch['image'], signatures), batch['label']))
+    assert trained == {n: remap[lab] for n, lab in part('train', in_id).items()}
+
+    sets = {s.name: s for s in data.eval_datasets(cfg, batch_size=B, process_index=0, process_count=1)}
+    assert _rows(sets['id_test'], signatures) == {n: remap[lab] for n, lab in part('test', in_id).items()}
+    assert _rows(sets['fine_ood_test'], signatures) == {n: -1 for n in part('test', in_ood)}
+    car_signatures = {n: v['signature'] for n, v in cars.items() if v['signature'] is not None}
+    coarse = _rows(sets['stanford_cars'], car_signatures)
+    assert coarse == {n: -1 for n in car_signatures if n.startswith('cars_test/')}
+
+    val = {s.name: s for s in data.validation_datasets(cfg, batch_size=B, process_index=0, process_count=1)}
+    assert _rows(val['id_val'], signatures) == {n: remap[lab] for n, lab in part('val', in_id).items()}
+    diag = data.fine_ood_diagnostic_dataset(cfg, batch_size=B, process_index=0, process_count=1)
+    train_and_val = {**part('train', in_ood), **part('val', in_ood)}
+    assert _rows(diag, signatures) == {n: -1 for n in train_and_val}
+    info = data.dataset_info(cfg, process_count=1)
+    assert info.train_size == len(part('train', in_id)) and info.num_classes == 255
+
+
+def test_butterfly_lists_keep_mixoes_folder_numbers(downloads):
+    """MixOE's lists label folder NNN as NNN and eval.py draws classes from range(200): folder 200
+    is in no class (left out of ID and fine OOD), class 0 has no image."""
+    root, files = downloads
+    expected = files['butterfly200']
+    rows = [(n, v['number']) for n, v in expected.items() if v['signature'] is not None]
+    lists = {'train': rows[0::3] + rows[1::3], 'val': [], 'test': rows[2::3]}
+    lists['val'] = [lists['train'].pop(0)]
+    fx.write_mixoe_lists(str(root / 'info_butterfly'), lists)
+    cfg = _pipeline_cfg(root, dataset='butterfly200', num_classes=200, num_id_classes=150,
+                        image_lists=str(root / 'info_butterfly'), split=1)
+    ids, ood = _mixoe_split(150, 50, split=1)  # folder 1 is OOD, folders 2 and 150 are ID
+    remap = {c: i for i, c in enumerate(sorted(ids))}
+    signatures = {n: v['signature'] for n, v in expected.items() if v['signature'] is not None}
+    sets = {s.name: s for s in data.eval_datasets(cfg, batch_size=B, process_index=0, process_count=1)}
+    test = dict(lists['test'])
+    assert {lab in ids for lab in test.values() if lab < 200} == {True, False}  # both kinds tested
+    assert _rows(sets['id_test'], signatures) == {n: remap[lab] for n, lab in test.items() if lab in ids}
+    assert _rows(sets['fine_ood_test'], signatures) == {n: -1 for n, lab in test.items() if lab in ood}
+    seen = set(_rows(sets['id_test'], signatures)) | set(_rows(sets['fine_ood_test'], signatures))
+    assert seen == {n for n, lab in test.items() if lab < 200}  # folder 200 nowhere
+    assert any(lab == 200 for lab in test.values())  # ... though its image is in the list
+    with pytest.raises(DataConfigError, match='no official train/test split'):
+        data.dataset_info(_pipeline_cfg(root, dataset='butterfly200', num_classes=200,
+                                        num_id_classes=150), process_count=1)
+
+
+def test_unknown_listed_paths_are_named(downloads, tmp_path):
+    root, files = downloads
+    good = [(n, 254) for n, v in files['nabirds'].items() if v['signature'] is not None]
+    fx.write_mixoe_lists(str(tmp_path), {'train': good + [('0295/not_there.jpg', 0)],
+                                         'test': good[:1] + [('9999/gone.jpg', 1)]})
+    cfg = _pipeline_cfg(root, dataset='nabirds', num_classes=255, num_id_classes=200,
+                        image_lists=str(tmp_path))
+    with pytest.raises(DataFileError) as err:
+        data.dataset_info(cfg, process_count=1)
+    assert 'train.txt lists 1 image(s)' in str(err.value) and "'0295/not_there.jpg'" in str(err.value)
+    cfg.num_classes = 400
+    with pytest.raises(DataConfigError, match='labels of .* stop at 254'):
+        data.dataset_info(cfg, process_count=1)
