@@ -1,11 +1,19 @@
-"""FGVC-Aircraft (100 variants; lmoe_jax's own TFDS builder), MixOE protocol: 90 ID / 10 OOD classes.
+"""FGVC-Aircraft (100 variants), MixOE's aircraft benchmark: 90 ID / 10 fine-grained OOD classes.
 
-The archive is downloaded by URL when online, or placed by hand: see docs/data.md
-(--config.data.manual_dir=DIR). Same protocol as configs/cub.py.
+The archive is downloaded by URL when online, or placed by hand (docs/data.md). Splits from
+MixOE's info/aircraft lists (validation = val.txt; a clone of github.com/zjysteven/MixOE):
+
+  python -m lmoe_jax.data.prepare --config=configs/aircraft.py \\
+      --config.data.mixoe_info=$HOME/MixOE/info --manual_dir=/data/manual
+  python main.py --config=configs/aircraft.py --config.data.mixoe_info=$HOME/MixOE/info \\
+      --config.data.manual_dir=/data/manual --workdir=runs/aircraft_lmoe
+
+Protocol, outliers and their fallbacks (places365_small, folder:<path>): configs/cub.py.
+Coarse OOD: the test lists of NABirds, Butterfly-200 and Stanford Cars, each cut to the ID test
+size (MixOE pools the three and draws one sample of that size).
 """
 from configs import cub
 
 
 def get_config():
-    return cub.fine_grained_benchmark('fgvc_aircraft', 100, 90,
-                                      coarse_ood=('caltech_birds2011', 'cars196', 'dtd'))
+    return cub.mixoe_benchmark('aircraft')

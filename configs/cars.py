@@ -1,10 +1,22 @@
-"""Stanford Cars (TFDS cars196), MixOE benchmark protocol: 150 ID / 46 fine-grained OOD classes.
+"""Stanford Cars, MixOE's car benchmark: 150 ID / 46 fine-grained OOD classes per split.
 
-Same protocol as configs/cub.py (ResNet-50 from ImageNet weights, 90 + 10 epochs, 448 px).
+Read by the project's `stanford_cars` builder from files placed by hand (docs/data.md), not
+TFDS's `cars196`: that builder still downloads from http://ai.stanford.edu/~jkrause/car196/,
+which has returned HTTP 404 since 2023 (tensorflow/datasets issues #5053 and #5656; the pull
+request pointing at archived copies is not merged). Splits from MixOE's info/car lists
+(validation = val.txt; a clone of github.com/zjysteven/MixOE):
+
+  python -m lmoe_jax.data.prepare --config=configs/cars.py \\
+      --config.data.mixoe_info=$HOME/MixOE/info --manual_dir=/data/manual
+  python main.py --config=configs/cars.py --config.data.mixoe_info=$HOME/MixOE/info \\
+      --config.data.manual_dir=/data/manual --workdir=runs/cars_lmoe
+
+Protocol, outliers and their fallbacks (places365_small, folder:<path>): configs/cub.py.
+Coarse OOD: the test lists of NABirds, Butterfly-200 and FGVC-Aircraft, each cut to the ID test
+size (MixOE pools the three and draws one sample of that size).
 """
 from configs import cub
 
 
 def get_config():
-    return cub.fine_grained_benchmark('cars196', 196, 150,
-                                      coarse_ood=('caltech_birds2011', 'oxford_flowers102', 'dtd'))
+    return cub.mixoe_benchmark('car')

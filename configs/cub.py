@@ -1,18 +1,41 @@
-"""CUB-200-2011, MixOE benchmark protocol: 150 ID / 50 fine-grained OOD bird classes.
+"""CUB-200-2011 (150 ID / 50 fine-grained OOD bird classes): the CUB variant of MixOE's bird
+benchmark (MixOE's own bird benchmark is NABirds: configs/nabirds.py).
 
-Stage 1: cross-entropy baseline for 90 epochs from ImageNet weights (torchvision ResNet-50);
-stage 2: the OE-family `method` fine-tunes it for 10 epochs; batch 32 ID + 32 outliers at 448 px;
-SGD Nesterov, lr 1e-3, weight decay 1e-5, cosine per step down to 1e-6.
+MixOE's protocol (shared by every benchmark config, `fine_grained_benchmark` below):
+stage 1 cross-entropy baseline for 90 epochs from ImageNet weights (torchvision ResNet-50);
+stage 2 the OE-family `method` fine-tunes it for 10 epochs; batch 32 ID + 32 outliers at 448 px
+crops of 512 px images; SGD Nesterov, lr 1e-3, weight decay 1e-5, cosine per step down to 1e-6.
+Outliers: WebVision 1.0 without MixOE's excluded concepts (`webvision1_outliers`); a user without
+WebVision can use `--config.data.outlier_dataset=places365_small` (TFDS catalog, 24 GB) or any
+folder of images, `--config.data.outlier_dataset=folder:/path/to/images`.
+Coarse OOD: the test sets of MixOE's other benchmarks (here Butterfly-200, Stanford Cars,
+FGVC-Aircraft), each cut to the ID test size. MixOE pools them and draws one sample of the ID
+test size (random.seed(0)) from the pool; we report each set cut to that size, and their mean.
+CUB has no MixOE image lists: train / test are TFDS's, 10% of train is held out for validation.
+The coarse sets are the images of MixOE's test lists (Butterfly-200 has no other split), so
+`--config.data.mixoe_info` must name the info/ folder of a clone of github.com/zjysteven/MixOE.
 
-  python main.py --config=configs/cub.py --workdir=runs/cub_lmoe
-  python main.py --config=configs/cub.py --config.method=mixoe_mixup --config.data.split=1 ...
+  python -m lmoe_jax.data.prepare --config=configs/cub.py --config.data.mixoe_info=$HOME/MixOE/info \\
+      --manual_dir=/data/manual                        # once: prepares and checks every dataset
+  python main.py --config=configs/cub.py --config.data.mixoe_info=$HOME/MixOE/info \\
+      --config.data.manual_dir=/data/manual --workdir=runs/cub_lmoe
 
 ImageNet weights: `bash scripts/get_pretrained.sh resnet50 ~/weights` then
 --config.model.pretrained=~/weights/resnet50.tv_in1k.safetensors (the default below is the hub id,
 fetched through huggingface_hub's cache when the machine is online).
-Outliers: places365_small stands in for the MixOE protocol's WebVision subset (not in TFDS).
 """
+import ml_collections
+
 from configs import default
+
+# MixOE's four benchmarks (utils/dataset.py SPLIT_NUM_CLASSES), in its order: its name (= its
+# info/<name>/ lists folder) -> (our dataset, ID classes, fine-grained OOD classes).
+MIXOE_BENCHMARKS = {
+    'bird': ('nabirds', 200, 55),
+    'butterfly': ('butterfly200', 150, 50),
+    'car': ('stanford_cars', 150, 46),
+    'aircraft': ('fgvc_aircraft', 90, 10),
+}
 
 
 def fine_grained_benchmark(dataset: str, num_classes: int, num_id: int, coarse_ood):
@@ -23,7 +46,7 @@ def fine_grained_benchmark(dataset: str, num_classes: int, num_id: int, coarse_o
     c.data.num_classes = num_classes
     c.data.num_id_classes = num_id
     c.data.split = 0  # 0, 1, 2 are the standard class splits
-    c.data.outlier_dataset = 'places365_small'
+    c.data.outlier_dataset = 'webvision1_outliers'
     c.data.coarse_ood = tuple(coarse_ood)
     c.data.coarse_ood_subsample = True  # each coarse set cut to the ID test size
     c.data.val_fraction = 0.1
@@ -53,6 +76,31 @@ def fine_grained_benchmark(dataset: str, num_classes: int, num_id: int, coarse_o
     return c
 
 
+def with_mixoe_lists(c, own, coarse):
+    """``config.data.mixoe_info`` (MixOE's info/ folder) sets the image lists of the ID dataset
+    (its info/<own>/, unless ``own`` is None) and of each coarse OOD set of MixOE's ``coarse``
+    benchmarks; left unset (None), no lists are read."""
+    info = ml_collections.FieldReference(None, field_type=str)
+    c.data.mixoe_info = info
+    if own is not None:
+        c.data.image_lists = info + f'/{own}'
+    c.data.coarse_ood_image_lists = ml_collections.ConfigDict(
+        {MIXOE_BENCHMARKS[k][0]: info + f'/{k}' for k in coarse})
+    return c
+
+
+def mixoe_benchmark(key: str):
+    """MixOE's benchmark ``key`` ('bird', 'butterfly', 'car', 'aircraft'): its dataset and class
+    counts, coarse OOD = the other three, every split from MixOE's lists (validation = val.txt)."""
+    dataset, num_id, num_ood = MIXOE_BENCHMARKS[key]
+    others = [k for k in MIXOE_BENCHMARKS if k != key]
+    c = fine_grained_benchmark(dataset, num_id + num_ood, num_id,
+                               coarse_ood=[MIXOE_BENCHMARKS[k][0] for k in others])
+    c.data.val_fraction = 0.0  # validation = the lists' val.txt
+    return with_mixoe_lists(c, key, others)
+
+
 def get_config():
-    return fine_grained_benchmark('caltech_birds2011', 200, 150,
-                                  coarse_ood=('cars196', 'oxford_flowers102', 'dtd'))
+    c = fine_grained_benchmark('caltech_birds2011', 200, 150,
+                               coarse_ood=('butterfly200', 'stanford_cars', 'fgvc_aircraft'))
+    return with_mixoe_lists(c, None, ('butterfly', 'car', 'aircraft'))

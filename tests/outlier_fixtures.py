@@ -83,3 +83,23 @@ def write_quirky_tree(root: str) -> set:
     _write(os.path.join(root, 'notes.txt'), b'not an image')
     _write(os.path.join(root, 'a', 'broken.jpg'), b'neither JPEG nor anything else')
     return set(files)
+
+
+def write_mixoe_lists(info_dir: str, benchmark: str, splits: dict) -> str:
+    """MixOE's info/<benchmark>/{train,val,test}.txt: one "relative/path label" per line."""
+    folder = os.path.join(info_dir, benchmark)
+    os.makedirs(folder, exist_ok=True)
+    for split, rows in splits.items():
+        with open(os.path.join(folder, f'{split}.txt'), 'w') as f:
+            f.writelines(f'{path} {label}\n' for path, label in rows)
+    return folder
+
+
+# Lists for data_fixtures.write_fake_aircraft_archive(train=6, test=4): trainval ids 1000000..5,
+# test ids 1000100..3. Label 99 is listed so the lists span MixOE's range(100); test labels 9 and
+# 21 are fine-grained OOD in split 0, 0 and 1 are ID.
+AIRCRAFT_LISTS = {
+    'train': [('1000000.jpg', 0), ('1000001.jpg', 1), ('1000002.jpg', 2), ('1000003.jpg', 99)],
+    'val': [('1000004.jpg', 0), ('1000005.jpg', 1)],
+    'test': [('1000100.jpg', 9), ('1000101.jpg', 21), ('1000102.jpg', 0), ('1000103.jpg', 1)],
+}
