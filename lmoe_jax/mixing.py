@@ -2,11 +2,13 @@
 
 Everything is static-shape and jittable: a cutmix box is a boolean mask, not a dynamic slice.
 Images are NHWC. ``lam`` is a scalar (one per step, as MixOE does) or one value per example.
+``mix_batch`` is what the train step calls.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Array = jax.Array
 
@@ -59,28 +61,43 @@ def cutmix_box(key: Array, lam: Array, height: int, width: int) -> tuple[Array, 
     return mask, 1.0 - area / (height * width)
 
 
-def cutmix(key: Array, x_id: Array, x_ood: Array, lam: Array | float) -> tuple[Array, Array]:
-    """Paste an outlier box of area ~(1-lam) into each ID image (MixOE's cutmix).
+def mix_batch(key: Array, x_id: Array, x_ood: Array, *, kind: str | None, alpha: float,
+              per_example: bool = False, axis_name: str | None = None,
+              mesh: Mesh | None = None) -> tuple[Array | None, Array]:
+    """Sample lam and build the mixed batch: ``(x_mix, lam)``; the train step's own draw.
 
-    Returns ``(x_mix, lam_exact)`` where ``lam_exact`` is the exact share of ID pixels; use it in
-    the soft target. Pixels outside the box are the ID image's, untouched.
+    ``kind``: 'mixup', 'cutmix' (an outlier box pasted into the ID images; lam becomes the exact
+    share of ID pixels, for the soft target) or None (lam only, ``x_mix`` None: logit mixing alone).
+    ``per_example``: one lam (and one box) per image instead of one for the batch, as MixOE does.
+
+    The result does not depend on the device layout: inside ``pmap`` (``axis_name``) the
+    per-example values are drawn for the global batch and each device takes its slice, so pmap,
+    jit over a mesh and one device see the same lam for the same example. On a ``mesh`` the draw
+    is pinned replicated: every device draws the batch's few lam values itself; left to XLA, the
+    Beta sampler would be split over the devices and its rejection loop would all-reduce its
+    stop flag every iteration.
     """
+    if kind not in ('mixup', 'cutmix', None):
+        raise ValueError(f"mix kind must be 'mixup' or 'cutmix'; got {kind!r}")
     if x_id.shape != x_ood.shape:
         raise ValueError(f'ID and outlier batches must have the same shape; got {x_id.shape} '
                          f'and {x_ood.shape}')
-    _, height, width, _ = x_id.shape
-    mask, lam_exact = cutmix_box(key, jnp.asarray(lam, jnp.float32), height, width)
-    mask = mask[..., None]  # (H, W, 1) or (B, H, W, 1)
-    return jnp.where(mask, x_ood, x_id), lam_exact
-
-
-def mix_batch(key: Array, x_id: Array, x_ood: Array, *, kind: str, alpha: float,
-              per_example: bool = False) -> tuple[Array, Array]:
-    """Sample lam and build the mixed batch: ``(x_mix, lam)`` with lam exact for cutmix."""
+    local = x_id.shape[0]
+    n_dev = jax.lax.axis_size(axis_name) if axis_name else 1
     key_lam, key_box = jax.random.split(key)
-    lam = sample_lam(key_lam, alpha, (x_id.shape[0],) if per_example else ())
-    if kind == 'mixup':
-        return mixup(x_id, x_ood, lam), lam
+    lam = sample_lam(key_lam, alpha, (local * n_dev,) if per_example else ())
+    if mesh is not None:
+        lam = jax.lax.with_sharding_constraint(lam, NamedSharding(mesh, PartitionSpec()))
+    mask = None
     if kind == 'cutmix':
-        return cutmix(key_box, x_id, x_ood, lam)
-    raise ValueError(f"mix kind must be 'mixup' or 'cutmix'; got {kind!r}")
+        mask, lam = cutmix_box(key_box, lam, x_id.shape[1], x_id.shape[2])
+    if per_example and axis_name:
+        start = jax.lax.axis_index(axis_name) * local
+        lam = jax.lax.dynamic_slice_in_dim(lam, start, local)
+        if mask is not None:
+            mask = jax.lax.dynamic_slice_in_dim(mask, start, local)
+    if kind is None:
+        return None, lam
+    if mask is not None:
+        return jnp.where(mask[..., None], x_ood, x_id), lam
+    return mixup(x_id, x_ood, lam), lam

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from lmoe_jax import losses, mixing
 
@@ -98,38 +98,6 @@ def create_train_state(rng: Array, model, tx: optax.GradientTransformation,
 # The step
 # --------------------------------------------------------------------------------------------------
 
-def _sample_mix(key: Array, x: Array, x_ood: Array, method: losses.Method,
-                axis_name: str | None, mesh: Mesh | None) -> tuple[Array | None, Array]:
-    """lam (and x_mix when the method needs it), identical to the single-program draw under pmap.
-
-    Per-example draws are made for the global batch and each device takes its own slice, so
-    jit over a mesh, pmap and one device see the same lam for the same example. On a mesh the
-    draw is pinned replicated: every device draws the batch's few lam values itself. Left to
-    XLA, the Beta sampler would be split over the devices, and its rejection loop would then
-    all-reduce its stop flag every iteration.
-    """
-    local = x.shape[0]
-    n_dev = jax.lax.axis_size(axis_name) if axis_name else 1
-    key_lam, key_box = jax.random.split(key)
-    shape = (local * n_dev,) if method.lam_per_example else ()
-    lam = mixing.sample_lam(key_lam, method.alpha, shape)
-    if mesh is not None:
-        lam = jax.lax.with_sharding_constraint(lam, NamedSharding(mesh, PartitionSpec()))
-    mask = None
-    if method.needs_mix and method.mix == 'cutmix':
-        mask, lam = mixing.cutmix_box(key_box, lam, x.shape[1], x.shape[2])
-    if method.lam_per_example and axis_name:
-        start = jax.lax.axis_index(axis_name) * local
-        lam = jax.lax.dynamic_slice_in_dim(lam, start, local)
-        if mask is not None:
-            mask = jax.lax.dynamic_slice_in_dim(mask, start, local)
-    if not method.needs_mix:
-        return None, lam
-    if mask is not None:
-        return jnp.where(mask[..., None], x_ood, x), lam
-    return mixing.mixup(x, x_ood, lam), lam
-
-
 def interleave(parts: list[Array]) -> Array:
     """``P`` batches of ``B`` -> one batch of ``B*P``, row ``b*P + p`` = ``parts[p][b]``.
 
@@ -156,7 +124,7 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *, method
     """One optimiser step of ``method``; pure.
 
     ``axis_name``: the pmap axis to average over. ``mesh``: the mesh a jit step runs on (the
-    batch sharded along it); only used to keep the lam draw on every device (``_sample_mix``).
+    batch sharded along it); only used to keep the lam draw on every device (``mixing.mix_batch``).
     """
     rng = jax.random.fold_in(rng, state.step)
     x, labels = batch['image'], batch['label']
@@ -166,7 +134,9 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *, method
     lam = jnp.ones((), jnp.float32)
     x_mix = None
     if method.needs_lam:
-        x_mix, lam = _sample_mix(rng, x, x_ood, method, axis_name, mesh)
+        x_mix, lam = mixing.mix_batch(rng, x, x_ood, kind=method.mix if method.needs_mix else None,
+                                      alpha=method.alpha, per_example=method.lam_per_example,
+                                      axis_name=axis_name, mesh=mesh)
     parts = [x] + ([x_ood] if method.needs_ood else []) + ([x_mix] if method.needs_mix else [])
     images = interleave(parts)
 

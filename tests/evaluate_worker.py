@@ -1,9 +1,9 @@
-"""One process of a multi-process evaluate() run (tests/test_evaluate.py starts two of them).
+"""One process of a multi-process evaluate() run (tests/test_equivalence.py starts two of them).
 
 ``python tests/evaluate_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR``: each process feeds its
 own contiguous part of every set, padded to the same number of masked batches (as the data
-pipeline does), and writes its returned metrics to OUT_DIR/metrics_<id>.json; the report goes to
-OUT_DIR/report (process 0 only).
+pipeline does), and writes its returned metrics to OUT_DIR/metrics_<id>.json; the report (with the
+per-image scores, ood_scores.npz) goes to OUT_DIR/report (process 0 only).
 """
 import json
 import sys
@@ -47,14 +47,31 @@ def process_part(images, labels, process_id: int, num_processes: int):
     return lambda: iter((list(source()) + [empty] * num_batches)[:num_batches])
 
 
-def run(process_id: int, num_processes: int, workdir=None):
+def variables():
     import jax
+    return jax.device_get(tiny_model().init(jax.random.PRNGKey(0), np.zeros((1, H, H, 1), np.float32)))
+
+
+def gathered_order(n: int, num_processes: int) -> np.ndarray:
+    """The image indices in the order a run of ``num_processes`` scores them: global batch i is
+    every process's batch i in process order (their real rows only)."""
+    parts = [list(p) for p in np.array_split(np.arange(n), num_processes)]
+    num_batches = -(-max(len(p) for p in parts) // BATCH)
+    return np.array([j for i in range(num_batches) for p in parts for j in p[i * BATCH:(i + 1) * BATCH]])
+
+
+def run(process_id: int, num_processes: int, workdir=None, mesh: bool = False):
+    """evaluate() of this process's part; ``mesh``: spread each batch over all devices (one
+    process; with several, evaluate() does so by default)."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
     from lmoe_jax import evaluate as ev
     from lmoe_jax.ood import sources
     model = tiny_model()
-    variables = jax.device_get(model.init(jax.random.PRNGKey(0), np.zeros((1, H, H, 1), np.float32)))
+    sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), PartitionSpec('data')) \
+        if mesh else None
     sets = {name: process_part(*arrays, process_id, num_processes) for name, arrays in data().items()}
-    return ev.evaluate(apply_fn=model.apply, variables=variables,
+    return ev.evaluate(apply_fn=model.apply, variables=variables(), batch_sharding=sharding,
                        eval_sets=[sources.EvalSet('id_test', 'id', sets['id_test']),
                                   sources.EvalSet('fine', 'fine_ood', sets['fine'])],
                        fit_sets={'train': sets['train']}, scores=SCORES, workdir=workdir, plots=False,

@@ -284,38 +284,6 @@ def test_only_process_zero_writes(setup, tmp_path, monkeypatch):
     assert other == main
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-    """2 processes x 4 CPU devices (gloo), each feeding its part of every batch: both return the
-    metrics of one process reading everything, and only process 0 writes the report."""
-    import socket
-    import subprocess
-    import sys
-    import evaluate_worker
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu',
-           'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo',
-           'PYTHONPATH': os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'evaluate_worker.py')
-    procs = [subprocess.Popen([sys.executable, worker, str(i), '2', port, str(tmp_path)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err.decode()[-3000:]
-    got = [json.loads((tmp_path / f'metrics_{i}.json').read_text()) for i in range(2)]
-    want = evaluate_worker.run(0, 1)
-    assert got[0] == got[1]
-    assert got[0]['num_images'] == want['num_images'] == {'id_test': 45, 'fine': 27}
-    assert got[0]['id_accuracy'] == pytest.approx(want['id_accuracy'])
-    for score, rows in want['scores'].items():
-        for key, value in rows['fine'].items():
-            assert got[0]['scores'][score]['fine'][key] == pytest.approx(value, abs=1e-6), (score, key)
-    assert (tmp_path / 'report' / 'ood_report.json').exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['metrics_0.json', 'metrics_1.json', 'report']
-
-
 def test_invalid_calls_are_clear_errors(setup):
     kw = dict(apply_fn=setup['model'].apply, variables=setup['variables'])
     sets = eval_sets(setup)
