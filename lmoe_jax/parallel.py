@@ -1,13 +1,28 @@
-"""Mesh and sharding helpers, and the two ways to run the train step on many devices.
+"""Mesh and sharding helpers, and the runner: one interface, two ways to run the train step.
 
-Default (``parallelism='jit'``): one ``jax.jit`` program over a 1-D ``Mesh`` with axis ``data``;
-the batch is a global array sharded along ``data``, the state is replicated. Multi-host: each
-process passes its own per-host batch and ``global_batch`` assembles the global array.
+A :class:`Runner` does three things, so that the training loop has no mode branches:
 
-``parallelism='pmap'``: the same ``train_step`` body under ``jax.pmap`` with gradients averaged
-over the device axis and BatchNorm statistics synchronised across it (the model is built with
-``bn_axis_name=PMAP_AXIS``), so it computes what jit computes over the global batch. State
-leaves ``pmap`` through ``unreplicate``, which gives global replicated arrays that Orbax can save.
+* ``place(state)``: a TrainState of global replicated arrays (``init_state``, an Orbax restore)
+  -> the state its ``step`` takes;
+* ``step(state, local_batch)``: one optimiser step on this process's part of the global batch
+  (numpy, ``[B / process_count, ...]``) -> ``(state, metrics)``; metrics are replicated scalars,
+  averaged over the global batch;
+* ``global_state(state)``: the state as global replicated arrays, which Orbax saves and the
+  evaluation reads (its ``mesh`` shards the evaluation batches).
+
+:class:`JitRunner` (``parallelism='jit'``, the default): one ``jax.jit`` program over a 1-D
+``Mesh`` with axis ``data``; each process's batch becomes its part of a global array
+(``jax.make_array_from_process_local_data``), the state stays replicated.
+
+:class:`PmapRunner` (``parallelism='pmap'``): the same ``train_step`` under ``jax.pmap`` over the
+local devices, gradients and metrics averaged over the device axis and BatchNorm statistics
+synchronised across it (the model is built with ``bn_axis_name=runner.bn_axis_name``), so it
+computes what jit computes over the global batch. As in flax's ImageNet example the batch is
+split with ``flax.training.common_utils.shard`` and the rng is broadcast; the state is
+broadcast too (``in_axes=None``) and comes back unstacked (``out_axes=None``: every device holds
+the same values), so nothing is stacked per device. Its outputs live on this process's devices
+only; ``global_state`` makes them global with Orbax's
+``fully_replicated_host_local_array_to_global_array``.
 """
 from __future__ import annotations
 
@@ -18,6 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import orbax.checkpoint as ocp
+from flax.training import common_utils
 
 from lmoe_jax import losses, train
 
@@ -97,58 +115,96 @@ def init_state(rng: jax.Array, model, tx, lr_fn, image_shape, mesh: Mesh) -> tra
 # --------------------------------------------------------------------------------------------------
 
 def pmap_train_step(method: losses.Method) -> Callable:
-    """``jax.pmap`` of the same step; expects per-device stacked state/batch (see helpers below).
+    """``jax.pmap`` of the same step over the local devices: ``(state, sharded batch, rng)``;
+    state and rng broadcast, the batch ``[n_local_devices, B_device, ...]``; state donated.
 
-    The model must be built with ``bn_axis_name=PMAP_AXIS`` so BatchNorm normalises with the
-    statistics of the global batch, as jit does.
+    The state comes back unstacked (``out_axes=None`` keeps device 0's copy, and every copy is
+    the same: gradients are ``pmean``-ed and BatchNorm, built with ``bn_axis_name=PMAP_AXIS``,
+    normalises with the global batch's statistics).
     """
     step = functools.partial(train.train_step, method=method, axis_name=PMAP_AXIS)
-    return jax.pmap(step, axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+    return jax.pmap(step, axis_name=PMAP_AXIS, in_axes=(None, 0, None), out_axes=None,
+                    donate_argnums=(0,))
 
 
-def _leading_axis_sharding(devices) -> NamedSharding:
-    """One slice of the leading (device) axis per local device: the layout pmap expects."""
-    return NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
+# --------------------------------------------------------------------------------------------------
+# The runner: one interface, two implementations
+# --------------------------------------------------------------------------------------------------
 
+class Runner:
+    """Place the state, run a step on a host-local batch, give the global state (module doc).
 
-def stack_for_pmap(tree: PyTree, devices=None) -> PyTree:
-    """Replicate a state onto the local devices with a leading device axis, for pmap."""
-    devices = jax.local_devices() if devices is None else devices
-    n = len(devices)
-    sharding = _leading_axis_sharding(devices)
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.device_put(np.broadcast_to(x, (n, *x.shape)), sharding)
-
-    return jax.tree.map(put, tree)
-
-
-def shard_for_pmap(local_batch: dict[str, np.ndarray], devices=None) -> dict[str, jax.Array]:
-    """[B_local, ...] -> [n_local_devices, B_local / n, ...] placed one slice per device."""
-    devices = jax.local_devices() if devices is None else devices
-    n = len(devices)
-    sharding = _leading_axis_sharding(devices)
-    out = {}
-    for k, v in local_batch.items():
-        v = np.asarray(v)
-        if v.shape[0] % n:
-            raise ValueError(f'per-host batch of {v.shape[0]} does not split over {n} devices')
-        out[k] = jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), sharding)
-    return out
-
-
-def unreplicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """pmap output (leading device axis, identical copies) -> global replicated arrays.
-
-    Orbax cannot save pmap's host-local arrays; these global arrays it can.
+    ``mesh``: all devices along ``data``, for evaluation batches and global arrays.
+    ``bn_axis_name``: what the model's BatchNorm must average over (``create_model``).
     """
-    def first_copy(x):
-        return np.asarray(x.addressable_shards[0].data)[0]
+    name = ''
+    bn_axis_name: str | None = None
 
-    return replicate(jax.tree.map(first_copy, tree), mesh)
+    def __init__(self, method: losses.Method, rng: jax.Array, mesh: Mesh | None = None):
+        self.method = method
+        self.mesh = make_mesh() if mesh is None else mesh
+
+    def place(self, state: train.TrainState) -> train.TrainState:
+        raise NotImplementedError
+
+    def step(self, state, local_batch: dict[str, np.ndarray]) -> tuple[Any, dict[str, jax.Array]]:
+        raise NotImplementedError
+
+    def global_state(self, state) -> train.TrainState:
+        raise NotImplementedError
 
 
-def metrics_from_pmap(metrics: PyTree) -> PyTree:
-    """Metrics are pmean-ed inside the step: every device holds the same value; keep one."""
-    return jax.tree.map(lambda x: x[0], metrics)
+class JitRunner(Runner):
+    """``jax.jit`` over ``mesh``: batch sharded along ``data``, state replicated and donated."""
+    name = 'jit'
+
+    def __init__(self, method, rng, mesh=None):
+        super().__init__(method, rng, mesh)
+        self._step = jit_train_step(method, self.mesh)
+        self._rng = replicate(rng, self.mesh)
+
+    def place(self, state):
+        return jax.device_put(state, replicated(self.mesh))
+
+    def step(self, state, local_batch):
+        return self._step(state, global_batch(local_batch, self.mesh), self._rng)
+
+    def global_state(self, state):
+        return state
+
+
+class PmapRunner(Runner):
+    """``jax.pmap`` over the local devices (flax ImageNet style); ``mesh`` must span all devices."""
+    name = 'pmap'
+    bn_axis_name = PMAP_AXIS
+
+    def __init__(self, method, rng, mesh=None):
+        super().__init__(method, rng, mesh)
+        if self.mesh.devices.size != jax.device_count():
+            raise ValueError('pmap runs on every device: pass no mesh or one over jax.devices().')
+        self._step = pmap_train_step(method)
+        self._rng = rng
+
+    def place(self, state):
+        """This process's copy of each (replicated) array, on the local devices where pmap
+        leaves its outputs: the first and later steps then take one layout (one compilation)."""
+        local = NamedSharding(Mesh(np.asarray(jax.local_devices()), (PMAP_AXIS,)), P())
+        return jax.tree.map(lambda x: jax.device_put(x.addressable_data(0), local), state)
+
+    def step(self, state, local_batch):
+        return self._step(state, common_utils.shard(dict(local_batch)), self._rng)
+
+    def global_state(self, state):
+        return jax.tree.map(ocp.utils.fully_replicated_host_local_array_to_global_array, state)
+
+
+RUNNERS = {'jit': JitRunner, 'pmap': PmapRunner}
+
+
+def make_runner(parallelism: str, method: losses.Method, rng: jax.Array,
+                mesh: Mesh | None = None) -> Runner:
+    """The runner of ``config.parallelism`` ('jit' or 'pmap'); ``rng``: the step key (the same on
+    every process; ``train_step`` folds in the step)."""
+    if parallelism not in RUNNERS:
+        raise ValueError(f'parallelism={parallelism!r}; use one of {", ".join(RUNNERS)}.')
+    return RUNNERS[parallelism](method, rng, mesh)

@@ -151,6 +151,7 @@ class Setup:
     method: losses.Method
     total_steps: int
     steps_per_epoch: int
+    runner: parallel.Runner
 
 
 def enable_compilation_cache(config, workdir: str) -> None:
@@ -172,11 +173,13 @@ def make_setup(config) -> Setup:
         total = int(config.num_train_steps)
     else:
         total = max(int(round(float(config.num_epochs) * steps_per_epoch)), 1)  # 0.5 epochs: fine
-    bn_axis = parallel.PMAP_AXIS if config.parallelism == 'pmap' else None
-    model = create_model(config.model, info.num_id_classes, bn_axis_name=bn_axis)
-    return Setup(config=config, mesh=parallel.make_mesh(), model=model, info=info,
-                 method=method_from_config(config), total_steps=total,
-                 steps_per_epoch=steps_per_epoch)
+    method = method_from_config(config)
+    # one key for every step (train_step folds in the step)
+    step_key = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
+    runner = parallel.make_runner(config.parallelism, method, step_key)
+    model = create_model(config.model, info.num_id_classes, bn_axis_name=runner.bn_axis_name)
+    return Setup(config=config, mesh=runner.mesh, model=model, info=info, method=method,
+                 total_steps=total, steps_per_epoch=steps_per_epoch, runner=runner)
 
 
 def initial_state(setup: Setup, *, load_pretrained: bool = True) -> train.TrainState:
@@ -457,21 +460,11 @@ def _train_loop(config, setup: Setup, state, mngr, writer, workdir, stop, stage:
 
     val_sets = _validation_sets(config)
     eval_step = make_eval_step(setup.model.apply, mesh)
-    # one key for every step (train_step folds in the step): pmap takes it from the host,
-    # jit as a replicated global array
-    step_key = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
-    use_pmap = config.parallelism == 'pmap'
-    if use_pmap:
-        step_fn = parallel.pmap_train_step(method)
-        run_state = parallel.stack_for_pmap(state)
-        rng = step_key
-    else:
-        step_fn = parallel.jit_train_step(method, mesh)
-        run_state = state
-        rng = parallel.replicate(step_key, mesh)
+    runner = setup.runner
+    run_state = runner.place(state)
 
     def global_state():
-        return parallel.unreplicate(run_state, mesh) if use_pmap else run_state
+        return runner.global_state(run_state)
 
     def save(step: int, val: float | None, force: bool) -> None:
         saved = global_state()
@@ -496,11 +489,7 @@ def _train_loop(config, setup: Setup, state, mngr, writer, workdir, stop, stage:
     with stop_ctx as stop:
         for step in range(start + 1, total + 1):
             local = next(stream)
-            if use_pmap:
-                run_state, metrics = step_fn(run_state, parallel.shard_for_pmap(local), rng)
-                metrics = parallel.metrics_from_pmap(metrics)
-            else:
-                run_state, metrics = step_fn(run_state, parallel.global_batch(local, mesh), rng)
+            run_state, metrics = runner.step(run_state, local)
             if pending is not None:
                 bad = non_finite_metrics(jax.device_get(pending[1]))
                 if bad:

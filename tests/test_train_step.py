@@ -78,12 +78,13 @@ def test_single_device_jit_mesh_and_pmap_agree(method_name, overrides):
     assert state.params['fc']['kernel'].sharding.is_fully_replicated
 
     # pmap over 8 devices, BatchNorm synchronised over the device axis
-    pstate = parallel.stack_for_pmap(tiny_state(tiny_model(bn_axis_name=parallel.PMAP_AXIS)))
-    pstep = parallel.pmap_train_step(method)
+    runner = parallel.make_runner('pmap', method, rng)
+    pstate = runner.place(parallel.replicate(
+        tiny_state(tiny_model(bn_axis_name=runner.bn_axis_name)), mesh))
     for b in batches:
-        pstate, m_pmap = pstep(pstate, parallel.shard_for_pmap(b), rng)
-    pmap_state = parallel.unreplicate(pstate, mesh)
-    pmap_params, m_pmap = to_numpy(pmap_state.params), to_numpy(parallel.metrics_from_pmap(m_pmap))
+        pstate, m_pmap = runner.step(pstate, b)
+    pmap_state = runner.global_state(pstate)
+    pmap_params, m_pmap = to_numpy(pmap_state.params), to_numpy(m_pmap)
     assert pmap_state.params['fc']['kernel'].sharding.is_fully_replicated
 
     # float32 reductions run in a different order per layout: agree to ~1e-5
