@@ -123,6 +123,8 @@ def write_fake_aircraft_archive(directory: str, train: int = 6, test: int = 4,
 # loader, PIL's convert('RGB'), sees), independent of the code under test.
 
 GREYS = (50, 90, 130, 170, 210)  # off the colour grid below in every channel
+# Where each download's colours and grey levels start: unique across the three downloads.
+FIRST = {'nabirds': (0, 0), 'butterfly200': (50, 2), 'stanford_cars': (100, 3)}
 
 
 def colour_of(index: int) -> tuple:
@@ -219,7 +221,8 @@ def write_fake_nabirds(root: str) -> dict:
     greys = 0
     for index, (class_id, name, kind, train) in enumerate(NABIRDS_IMAGES):
         image_id = f'{index:08x}-0000-4000-8000-{index:012x}'
-        data = quirky_image(kind, greys if kind == 'grey' else index)
+        colour, grey = FIRST['nabirds']
+        data = quirky_image(kind, grey + greys if kind == 'grey' else colour + index)
         greys += kind == 'grey'
         _write(os.path.join(root, 'images', name), data)
         lines['images'].append(f'{image_id} {name}')
@@ -257,7 +260,8 @@ def write_fake_butterfly(root: str) -> dict:
     _write(os.path.join(images, butterfly_folder(1), 'Thumbs.db'), b'not an image')
     out, greys = {}, 0
     for index, (number, name, kind) in enumerate(BUTTERFLY_IMAGES):
-        data = quirky_image(kind, greys if kind == 'grey' else index, size=(16, 20))
+        colour, grey = FIRST['butterfly200']
+        data = quirky_image(kind, grey + greys if kind == 'grey' else colour + index, size=(16, 20))
         greys += kind == 'grey'
         rel = f'{butterfly_folder(number)}/{name}'
         _write(os.path.join(images, rel), data)
@@ -301,7 +305,8 @@ def write_fake_cars(root: str, layout: str = 'original', test_labels: bool = Tru
         if layout == 'mirrored':
             folder = os.path.join(folder, f'cars_{split}')
         for fname, cls, kind in rows:
-            data = quirky_image(kind, greys if kind == 'grey' else index, size=(18, 24))
+            colour, grey = FIRST['stanford_cars']
+            data = quirky_image(kind, grey + greys if kind == 'grey' else colour + index, size=(18, 24))
             greys += kind == 'grey'
             index += 1
             _write(os.path.join(folder, fname), data)

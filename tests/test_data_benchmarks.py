@@ -248,3 +248,30 @@ def test_unknown_listed_paths_are_named(downloads, tmp_path):
     cfg.num_classes = 400
     with pytest.raises(DataConfigError, match='labels of .* stop at 254'):
         data.dataset_info(cfg, process_count=1)
+
+
+def test_coarse_subsample_is_mixoes_pooled_draw(downloads, tmp_path):
+    """eval.py pools the other benchmarks' test lists in order and keeps
+    random.seed(0); random.sample(pool, len(id_test)): computed here with Python's random."""
+    import random
+    root, files = downloads
+    ids, ood = _mixoe_split(200, 55)
+    _nabirds_lists(tmp_path / 'bird', files['nabirds'], ids, ood)
+    cars = [(n, v['class'] - 1) for n, v in files['stanford_cars'].items()
+            if n.startswith('cars_test/') and v['signature'] is not None]
+    butterflies = [(n, v['number']) for n, v in files['butterfly200'].items() if v['signature'] is not None]
+    fx.write_mixoe_lists(str(tmp_path / 'car'), {'train': cars[:1], 'test': cars})
+    fx.write_mixoe_lists(str(tmp_path / 'butterfly'), {'train': butterflies[:1], 'test': butterflies})
+    cfg = _pipeline_cfg(root, dataset='nabirds', num_classes=255, num_id_classes=200,
+                        image_lists=str(tmp_path / 'bird'), coarse_ood=('butterfly200', 'stanford_cars'),
+                        coarse_ood_image_lists={'stanford_cars': str(tmp_path / 'car'),
+                                                'butterfly200': str(tmp_path / 'butterfly')},
+                        coarse_ood_subsample=True)
+    sets = data.eval_datasets(cfg, batch_size=B, process_index=0, process_count=1)
+    size = sets[0].num_examples
+    random.seed(0)
+    expected = {name for name, _ in random.sample(butterflies + cars, size)}
+    signatures = {n: v['signature'] for d in ('butterfly200', 'stanford_cars')
+                  for n, v in files[d].items() if v['signature'] is not None}
+    drawn = [name for s in sets if s.kind == 'coarse_ood' for name in _rows(s, signatures)]
+    assert 0 < size < len(butterflies + cars) and sorted(drawn) == sorted(expected)

@@ -487,27 +487,53 @@ def eval_datasets(data_config, *, batch_size: int, process_index: Optional[int] 
     coarse = _get(data_config, 'coarse_ood', ()) or ()
     if isinstance(coarse, str):
         coarse = (coarse,)
+    opened = []
     for name in coarse:
         if name == data.name:
             raise DataConfigError(f"config.data.coarse_ood lists the ID dataset '{name}'; remove it.")
         builder = sources.open_builder(name, data_config)
-        split, select = _coarse_selection(name, builder, data_config)
-        if _get(data_config, 'coarse_ood_subsample', False):
-            if select is None:
-                split = _subsample(builder, split, sets[0].num_examples)
-            else:
-                select = _subsample_list(select, sets[0].num_examples)
+        opened.append((name, builder, *_coarse_selection(name, builder, data_config)))
+    if _get(data_config, 'coarse_ood_subsample', False):
+        opened = _subsampled(opened, sets[0].num_examples)
+    for name, builder, split, select in opened:
         sets.append(_eval_set(name, 'coarse_ood', builder, split, _all, _keep_all,
                               _ood_label, data_config, batch_size, p, n, select))
     return sets
 
 
-def _subsample_list(selection: image_lists.Selection, size: int) -> image_lists.Selection:
-    """``size`` listed images drawn with random.Random(0) (MixOE draws with random.seed(0)),
-    kept in list order."""
-    if len(selection.names) <= size:
-        return selection
-    keep = sorted(random.Random(0).sample(range(len(selection.names)), size))
+def _subsampled(opened: list, size: int) -> list:
+    """Coarse OOD sets subsampled to ``size`` (the ID test size).
+
+    When every set comes from image lists: MixOE's draw (eval.py: the others' test lists pooled in
+    order, ``random.seed(0); random.sample(samples, len(id_set))``) over the sets in config order,
+    the drawn images split back per dataset (a set that draws none is left out); together they
+    are MixOE's one coarse set. Otherwise each set keeps its first ``size`` examples.
+    """
+    if any(select is None for *_, select in opened):
+        out = []
+        for name, builder, split, select in opened:
+            if select is None:
+                split = _subsample(builder, split, size)
+            else:
+                select = _subset(select, range(min(size, len(select.names))))
+            out.append((name, builder, split, select))
+        return out
+    pool = [(k, i) for k, (*_, select) in enumerate(opened) for i in range(len(select.names))]
+    if len(pool) <= size:
+        return opened
+    drawn = random.Random(0).sample(pool, size)
+    out = []
+    for k, (name, builder, split, select) in enumerate(opened):
+        keep = sorted(i for j, i in drawn if j == k)
+        if keep:
+            out.append((name, builder, split, _subset(select, keep)))
+        else:
+            logging.info('coarse OOD %s: no image drawn into the subsample of %d', name, size)
+    return out
+
+
+def _subset(selection: image_lists.Selection, keep) -> image_lists.Selection:
+    keep = list(keep)
     return image_lists.Selection(tuple(selection.names[i] for i in keep),
                                  tuple(selection.labels[i] for i in keep), selection.origin)
 
