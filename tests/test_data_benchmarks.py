@@ -7,6 +7,8 @@ decodes from the written bytes. Expected class splits are MixOE's eval.py rule w
 numpy (``RandomState(split).choice(ID + OOD, ID)``), not read from lmoe_jax.
 """
 
+import os
+
 import ml_collections
 import numpy as np
 import pytest
@@ -275,3 +277,43 @@ def test_coarse_subsample_is_mixoes_pooled_draw(downloads, tmp_path):
                   for n, v in files[d].items() if v['signature'] is not None}
     drawn = [name for s in sets if s.kind == 'coarse_ood' for name in _rows(s, signatures)]
     assert 0 < size < len(butterflies + cars) and sorted(drawn) == sorted(expected)
+
+
+def test_changed_annotation_file_rebuilds_nabirds(tmp_path):
+    """The prepared copy records the annotation files (sha256, provenance.py): reused while they
+    are unchanged, rebuilt when one changes (here the first image moves to the test split)."""
+    import hashlib
+    import json
+    nabirds = tmp_path / 'manual' / 'nabirds'
+    files = fx.write_fake_nabirds(str(nabirds))
+    builder = sources.open_builder('nabirds', _cfg(tmp_path))
+    record_path = builder.data_path / 'source.json'
+    record = json.loads(record_path.read_text())
+    assert record['files']['classes.txt']['sha256'] == hashlib.sha256(
+        (nabirds / 'classes.txt').read_bytes()).hexdigest()
+    stamp = os.stat(record_path).st_mtime_ns
+    sources.open_builder('nabirds', _cfg(tmp_path))
+    assert os.stat(record_path).st_mtime_ns == stamp  # unchanged source: not rebuilt
+    split_file = nabirds / 'train_test_split.txt'
+    split_file.write_text(split_file.read_text().replace(' 1\n', ' 0\n', 1))
+    builder = sources.open_builder('nabirds', _cfg(tmp_path))
+    first = fx.NABIRDS_IMAGES[0][1]
+    test = {n for n, v in files.items() if (not v['train'] or n == first) and v['signature'] is not None}
+    assert set(_examples(builder, 'test')) == test
+
+
+def test_aircraft_with_mixoe_lists(tmp_path):
+    """MixOE's info/aircraft lists name '<id>.jpg', the fgvc_aircraft builder's image/filename."""
+    fx.write_fake_aircraft_archive(str(tmp_path / 'manual'), train=6, test=4)
+    ids, ood = _mixoe_split(90, 10)
+    train = [(f'{1000000 + j}.jpg', c) for j, c in enumerate((min(ids), ood[0], max(ids), ood[1]))]
+    fx.write_mixoe_lists(str(tmp_path / 'info'), {
+        'train': train[:3], 'val': train[3:] + [('1000004.jpg', min(ids))],
+        'test': [('1000100.jpg', ood[0]), ('1000101.jpg', max(ids))]})
+    cfg = _pipeline_cfg(tmp_path, dataset='fgvc_aircraft', num_classes=100, num_id_classes=90,
+                        image_lists=str(tmp_path / 'info'))
+    assert data.dataset_info(cfg, process_count=1).train_size == 2  # min(ids), max(ids)
+    val = data.validation_datasets(cfg, batch_size=B, process_index=0, process_count=1)
+    sets = {s.name: s for s in data.eval_datasets(cfg, batch_size=B, process_index=0, process_count=1)}
+    assert [s.num_examples for s in val] == [1]  # 1000004 (ID); 1000003 is OOD
+    assert (sets['id_test'].num_examples, sets['fine_ood_test'].num_examples) == (1, 1)
