@@ -194,8 +194,11 @@ def check_num_classes(builder, name: str, expected: int) -> int:
 
 
 def file_name_feature(builder) -> str:
-    """The builder's feature holding each image's relative path (what image lists name)."""
+    """The builder's feature holding each image's relative path (what image lists name): the
+    project builders declare it; catalog datasets may have TFDS's usual 'image/filename'."""
     feature = getattr(builder, 'FILE_NAME_FEATURE', None)
+    if not feature and 'image/filename' in getattr(builder.info, 'features', {}):
+        feature = 'image/filename'
     if not feature:
         raise DataConfigError(f"dataset '{builder.name}' records no image file names, so "
                               'config.data.image_lists cannot select its images.')
