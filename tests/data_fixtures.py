@@ -160,7 +160,12 @@ def signature(data: bytes):
 
 def identify(images: np.ndarray, expected: dict, tolerance: float = 6.0) -> list:
     """The file name of each [H, W, 3] image in [0, 1] (or uint8 when ``images`` is integer)
-    by nearest colour signature; fails when none is within ``tolerance`` (of 255)."""
+    by nearest colour signature; fails when none is within ``tolerance`` (of 255).
+
+    Tolerance: a uniform block survives JPEG (quality 95) up to rounding, and PIL's and
+    TensorFlow's decoders (IDCT, CMYK and YCbCr conversions) may differ by a few levels; resizing,
+    cropping and flipping a uniform image keep its colour. Fixture colours are >= 20 apart, so 6
+    cannot confuse two files."""
     names = list(expected)
     table = np.stack([expected[n] for n in names])
     scale = 1.0 if np.issubdtype(np.asarray(images).dtype, np.integer) else 255.0
