@@ -11,10 +11,10 @@ folder named ``bird/``, MixOE's data/README.md name, or the manual directory its
     images/<class id, 4 digits>/<file>.jpg
 
 Labels: the class ids that have images (the 555 leaf categories), in increasing id order, numbered
-0..554. MixOE's info/bird lists number the same images with labels that rise with the class
-folder on every line checked (e.g. folder 0298 -> 3, 0315 -> 7, 0318 -> 10, and 0332..0380 ->
-24..72 one for one); when config.data.image_lists is set its labels are read from the lists,
-never from here. MixOE's benchmark uses the lists' classes 0..254 only (``range(200 + 55)`` in
+0..554. MixOE's info/bird lists appear to number the classes the same way: on the lines of its
+test.txt checked by hand (about 40) the label rises with the class folder (e.g. 0298 -> 3,
+0315 -> 7, 0318 -> 10, 0332..0380 -> 24..72 one for one, 1005 -> 549). That is not relied on:
+when config.data.image_lists is set, labels are read from the lists, never from here. MixOE's benchmark uses the lists' classes 0..254 only (``range(200 + 55)`` in
 its eval.py). ``image/filename`` is the path of images.txt, i.e. relative to images/, exactly as
 MixOE's lists write it. hierarchy.txt and the other files of the archive are not needed.
 
