@@ -9,8 +9,8 @@ MixOE's info/aircraft lists (validation = val.txt; a clone of github.com/zjystev
       --config.data.manual_dir=/data/manual --workdir=runs/aircraft_lmoe
 
 Protocol, outliers and their fallbacks (places365_small, folder:<path>): configs/cub.py.
-Coarse OOD: the test lists of NABirds, Butterfly-200 and Stanford Cars, each cut to the ID test
-size (MixOE pools the three and draws one sample of that size).
+Coarse OOD: MixOE's draw from the test lists of NABirds, Butterfly-200 and Stanford Cars
+(pooled, random.seed(0) sample of the ID test size), reported per dataset (configs/cub.py).
 """
 from configs import cub
 

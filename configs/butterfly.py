@@ -13,8 +13,8 @@ docs/data.md, "Label numbering").
       --config.data.manual_dir=/data/manual --workdir=runs/butterfly_lmoe
 
 Protocol, outliers and their fallbacks (places365_small, folder:<path>): configs/cub.py.
-Coarse OOD: the test lists of NABirds, Stanford Cars and FGVC-Aircraft, each cut to the ID test
-size (MixOE pools the three and draws one sample of that size).
+Coarse OOD: MixOE's draw from the test lists of NABirds, Stanford Cars and FGVC-Aircraft
+(pooled, random.seed(0) sample of the ID test size), reported per dataset (configs/cub.py).
 """
 from configs import cub
 

@@ -12,8 +12,8 @@ request pointing at archived copies is not merged). Splits from MixOE's info/car
       --config.data.manual_dir=/data/manual --workdir=runs/cars_lmoe
 
 Protocol, outliers and their fallbacks (places365_small, folder:<path>): configs/cub.py.
-Coarse OOD: the test lists of NABirds, Butterfly-200 and FGVC-Aircraft, each cut to the ID test
-size (MixOE pools the three and draws one sample of that size).
+Coarse OOD: MixOE's draw from the test lists of NABirds, Butterfly-200 and FGVC-Aircraft
+(pooled, random.seed(0) sample of the ID test size), reported per dataset (configs/cub.py).
 """
 from configs import cub
 

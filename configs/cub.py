@@ -8,9 +8,10 @@ crops of 512 px images; SGD Nesterov, lr 1e-3, weight decay 1e-5, cosine per ste
 Outliers: WebVision 1.0 without MixOE's excluded concepts (`webvision1_outliers`); a user without
 WebVision can use `--config.data.outlier_dataset=places365_small` (TFDS catalog, 24 GB) or any
 folder of images, `--config.data.outlier_dataset=folder:/path/to/images`.
-Coarse OOD: the test sets of MixOE's other benchmarks (here Butterfly-200, Stanford Cars,
-FGVC-Aircraft), each cut to the ID test size. MixOE pools them and draws one sample of the ID
-test size (random.seed(0)) from the pool; we report each set cut to that size, and their mean.
+Coarse OOD: the test lists of MixOE's other benchmarks (here Butterfly-200, Stanford Cars,
+FGVC-Aircraft) pooled in MixOE's order, and one random.seed(0) sample of the ID test size drawn
+from the pool, as MixOE's eval.py does: the same images. One difference: MixOE scores that
+sample as one set; we report its part from each dataset as its own set, plus their mean.
 CUB has no MixOE image lists: train / test are TFDS's, 10% of train is held out for validation.
 The coarse sets are the images of MixOE's test lists (Butterfly-200 has no other split), so
 `--config.data.mixoe_info` must name the info/ folder of a clone of github.com/zjysteven/MixOE.
@@ -48,7 +49,7 @@ def fine_grained_benchmark(dataset: str, num_classes: int, num_id: int, coarse_o
     c.data.split = 0  # 0, 1, 2 are the standard class splits
     c.data.outlier_dataset = 'webvision1_outliers'
     c.data.coarse_ood = tuple(coarse_ood)
-    c.data.coarse_ood_subsample = True  # each coarse set cut to the ID test size
+    c.data.coarse_ood_subsample = True  # MixOE's pooled draw of the ID test size
     c.data.val_fraction = 0.1
     c.data.resize_size = 512
     c.data.image_size = 448

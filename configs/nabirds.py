@@ -11,8 +11,8 @@ lists (train.txt, val.txt = validation, test.txt) and needs a clone of github.co
       --config.data.manual_dir=/data/manual --workdir=runs/nabirds_lmoe
 
 Protocol, outliers and their fallbacks (places365_small, folder:<path>): configs/cub.py.
-Coarse OOD: the test lists of Butterfly-200, Stanford Cars and FGVC-Aircraft, each cut to the ID
-test size with random.Random(0) (MixOE pools the three and draws one sample of that size).
+Coarse OOD: MixOE's draw from the test lists of Butterfly-200, Stanford Cars and FGVC-Aircraft
+(pooled, random.seed(0) sample of the ID test size), reported per dataset (configs/cub.py).
 Where to get each dataset and what to place where: docs/data.md.
 """
 from configs import cub

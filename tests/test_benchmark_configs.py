@@ -32,7 +32,29 @@ SIZE_OVERRIDES = (
     '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2', "--config.scores=('msp',)",
 )
 
-pytestmark = pytest.mark.slow
+
+
+def test_configs_carry_mixoes_class_counts_and_lists():
+    """Class counts of MixOE's SPLIT_NUM_CLASSES (REFERENCES.md), coarse OOD = the other three in
+    MixOE's order, and one --config.data.mixoe_info setting every list folder."""
+    import importlib
+    expected = {'nabirds': ('nabirds', 255, 200), 'butterfly': ('butterfly200', 200, 150),
+                'cars': ('stanford_cars', 196, 150), 'aircraft': ('fgvc_aircraft', 100, 90)}
+    order = ['nabirds', 'butterfly200', 'stanford_cars', 'fgvc_aircraft']
+    for config, benchmark in CONFIGS.items():
+        c = importlib.import_module(f'configs.{config}').get_config()
+        dataset, total, num_id = expected[config]
+        assert (c.data.dataset, c.data.num_classes, c.data.num_id_classes) == (dataset, total, num_id)
+        assert list(c.data.coarse_ood) == [d for d in order if d != dataset]
+        assert c.data.outlier_dataset == 'webvision1_outliers' and c.data.coarse_ood_subsample
+        assert c.data.image_lists is None and c.data.val_fraction == 0.0
+        c.data.mixoe_info = '/clone/info'
+        assert c.data.image_lists == f'/clone/info/{benchmark}'
+        mixoe_names = dict(zip(order, ['bird', 'butterfly', 'car', 'aircraft']))
+        assert dict(c.data.coarse_ood_image_lists) == {
+            d: f'/clone/info/{mixoe_names[d]}' for d in c.data.coarse_ood}
+    c = importlib.import_module('configs.cub').get_config()
+    assert 'cars196' not in c.data.coarse_ood and 'image_lists' not in c.data
 
 
 def _env():
@@ -96,6 +118,7 @@ def prepared(tmp_path_factory):
                 num_id_test=num_id_test, test_sizes=test_sizes)
 
 
+@pytest.mark.slow
 def test_prepare_command_readies_every_dataset_of_a_benchmark(prepared):
     out = prepared['prepare']
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
@@ -111,6 +134,7 @@ def test_prepare_command_readies_every_dataset_of_a_benchmark(prepared):
             assert f'; MixOE lists: {lists} images, all found, ' in line, line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config', CONFIGS)
 def test_benchmark_config_trains_and_evaluates_end_to_end(prepared, config, tmp_path):
     assert prepared['prepare'].returncode == 0, prepared['prepare'].stdout
