@@ -12,7 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0  # one seed drives init, data order, outlier draws and lam draws
 
     # --- method: a preset name from lmoe_jax.losses.PRESETS, plus per-field overrides ---
-    c.method = 'lmoe'  # baseline | oe | energy_oe | mixoe_mixup | mixoe_cutmix | lmoe
+    c.method = 'lmoe'  # baseline | oe | energy_oe | mixoe_mixup | mixoe_cutmix | lmoe | logit_mixoe | lmoe_sg | logit_mixoe_sg
     # Any LossWeights / mixing field set here replaces the preset's value (None = keep preset).
     c.loss = ml_collections.ConfigDict()
     c.loss.id = placeholder(float)  # weight of CE on ID images
@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.m_out = placeholder(float)  # EnergyOE outlier energy margin
     c.loss.consistency_kind = placeholder(str)  # 'mse' (over logits) | 'kl' (of softmaxes)
     c.loss.stop_gradient = placeholder(str)  # 'none' | 'mixed_input' | 'logit_mixture': side held fixed in D
+    c.loss.logit_mix_stop_id = placeholder(bool)  # True: lam*stop_gradient(f(x)) + (1-lam) f(x_ood)
     c.loss.mix = placeholder(str)  # 'mixup' | 'cutmix': how x_mix is built
     c.loss.alpha = placeholder(float)  # lam ~ Beta(alpha, alpha)
     c.loss.lam_per_example = placeholder(bool)  # one lam per example instead of one per step

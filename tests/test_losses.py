@@ -354,3 +354,122 @@ def test_a_zero_weight_term_cannot_poison_the_total():
                                              lam=lam, weights=w)
     assert np.isnan(float(terms['energy']))
     np.testing.assert_allclose(total, np_ce(as_f64(z), y), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ variants of issue 21 (margin cap)
+
+ORIGINAL_PRESETS = ('baseline', 'oe', 'energy_oe', 'mixoe_mixup', 'mixoe_cutmix', 'lmoe')
+
+
+def np_total_of(w, y, lam, a, o, m, lmix_id=None):
+    """The documented objective in float64; ``lmix_id`` replaces the ID logits inside the logit
+    mixture (the stop-gradient variant holds them at their value there)."""
+    t = np_target(y, np.float64(lam), a.shape[-1])
+    lm = np_lmix(a if lmix_id is None else lmix_id, o, lam)
+    return (float(w.id) * np_ce(a, y) + float(w.oe) * np_oe(o)
+            + float(w.energy) * np_energy_oe(a, o, float(w.m_in), float(w.m_out))
+            + float(w.input_mix) * np_soft_ce(m, t) + float(w.logit_mix) * np_soft_ce(lm, t)
+            + float(w.consistency) * np_consistency(m, lm, w.consistency_kind))
+
+
+@pytest.mark.parametrize('name', list(L.PRESETS))
+def test_every_preset_jitted_matches_the_numpy_objective(name):
+    """Value and gradients of each preset (the original six unchanged by the new switch, and the
+    new ones) against the float64 reference; the stop-gradient presets' ID gradient against finite
+    differences with the mixture's ID logits held fixed. Tolerances as in the gradient test above
+    (float32 loss vs float64 central differences with eps 1e-6)."""
+    w = L.get_method(name).weights
+    if name in ORIGINAL_PRESETS:
+        assert w.logit_mix_stop_id is False
+    k, b = 6, 3
+    z, zo, zm, y, lam = make(k, b, jnp.float32, seed=13)
+    zf, zof, zmf = as_f64(z), as_f64(zo), as_f64(zm)
+    fixed = zf if w.logit_mix_stop_id else None
+
+    def jax_total(a, o, m):
+        return L.oe_family_loss(logits_id=a, logits_ood=o, logits_mix=m, labels=y, lam=lam,
+                                weights=w)[0]
+
+    value = jax.jit(jax_total)(z, zo, zm)
+    np.testing.assert_allclose(value, np_total_of(w, y, lam, zf, zof, zmf), rtol=5e-5, atol=1e-4)
+    grads = jax.jit(jax.grad(jax_total, argnums=(0, 1, 2)))(z, zo, zm)
+    ref = (_fd_grad(lambda a: np_total_of(w, y, lam, a, zof, zmf, fixed), zf),
+           _fd_grad(lambda o: np_total_of(w, y, lam, zf, o, zmf), zof),
+           _fd_grad(lambda m: np_total_of(w, y, lam, zf, zof, m), zmf))
+    for g, r in zip(grads, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-4)
+
+
+def test_stop_id_removes_the_logit_mixture_gradient_on_the_id_logits():
+    """logit_mix alone with the ID side stopped: same value, zero gradient on z, and on z~ the
+    analytic (1-lam)(softmax(z_lmix) - t)/B; without the stop, z gets lam(softmax(z_lmix) - t)/B."""
+    k, b = 7, 4
+    z, zo, zm, y, lam = make(k, b, jnp.float32, seed=17, per_example=True)
+    zf, zof = as_f64(z), as_f64(zo)
+    lam64 = np.asarray(lam, np.float64)[:, None]
+    zl = np_lmix(zf, zof, lam64[:, 0])
+    resid = np.exp(np_log_softmax(zl)) - np_target(y, lam64[:, 0], k)
+
+    def f(a, o, stop):
+        w = L.LossWeights(id=0.0, logit_mix=1.0, logit_mix_stop_id=stop)
+        return L.oe_family_loss(logits_id=a, logits_ood=o, logits_mix=None, labels=y, lam=lam,
+                                weights=w)[0]
+
+    for stop in (False, True):
+        value = jax.jit(f, static_argnums=2)(z, zo, stop)
+        np.testing.assert_allclose(value, np_soft_ce(zl, np_target(y, lam64[:, 0], k)), rtol=2e-5)
+        gz, go = jax.grad(f, argnums=(0, 1))(z, zo, stop)
+        np.testing.assert_allclose(go, (1 - lam64) * resid / b, rtol=1e-4, atol=1e-7)
+        if stop:
+            assert not np.any(np.asarray(gz))
+        else:
+            np.testing.assert_allclose(gz, lam64 * resid / b, rtol=1e-4, atol=1e-7)
+
+
+def test_stop_id_leaves_only_the_cross_entropy_gradient_on_the_id_logits():
+    """lmoe_sg / logit_mixoe_sg: d total / d z is exactly CE's (softmax(z) - onehot)/B."""
+    k, b = 5, 6
+    z, zo, zm, y, lam = make(k, b, jnp.float32, seed=19)
+    ce_grad = (np.exp(np_log_softmax(as_f64(z))) - np.eye(k)[y]) / b
+    for name in ('lmoe_sg', 'logit_mixoe_sg'):
+        w = L.get_method(name).weights
+        g = jax.grad(lambda a: L.oe_family_loss(logits_id=a, logits_ood=zo, logits_mix=zm,
+                                                labels=y, lam=lam, weights=w)[0])(z)
+        np.testing.assert_allclose(g, ce_grad, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_new_presets_and_the_switch_through_the_config_layer():
+    import configs.default as default_config
+    lm, lmx = L.get_method('lmoe').weights, L.get_method('logit_mixoe').weights
+    assert (float(lmx.input_mix), float(lmx.logit_mix), float(lmx.consistency)) == (5.0, 5.0, 0.1)
+    assert not lmx.logit_mix_stop_id and L.get_method('logit_mixoe').needs_mix
+    assert L.get_method('lmoe_sg').weights == lm.replace(logit_mix_stop_id=True)
+    assert L.get_method('logit_mixoe_sg').weights == lmx.replace(logit_mix_stop_id=True)
+    assert L.get_method('mixoe_mixup', {'logit_mix_stop_id': np.bool_(True)}).weights \
+        .logit_mix_stop_id is True
+    for bad in ('yes', 1, 0.0):
+        with pytest.raises(ValueError, match='logit_mix_stop_id must be True or False'):
+            L.get_method('lmoe', {'logit_mix_stop_id': bad})
+    # the config file's knob reaches the method as the trainer resolves it
+    config = default_config.get_config()
+    assert config.loss.logit_mix_stop_id is None  # None = keep the preset's value
+    assert not L.get_method(config.method, config.loss.to_dict()).weights.logit_mix_stop_id
+    config.loss.logit_mix_stop_id = True
+    assert L.get_method(config.method, config.loss.to_dict()).weights.logit_mix_stop_id is True
+    config.method, config.loss.logit_mix_stop_id = 'lmoe_sg', False
+    assert L.get_method(config.method, config.loss.to_dict()).weights.logit_mix_stop_id is False
+
+
+def test_stop_id_is_static_and_weights_stay_traced():
+    """The switch changes the program (retrace); a weight change under it still does not.
+    (Shapes no other test uses: jit caches of one function are shared between jit wrappers.)"""
+    z, zo, zm, y, lam = make(11, 3, jnp.float32)
+    f = jax.jit(L.oe_family_loss)
+    w = L.get_method('lmoe_sg').weights
+    f(logits_id=z, logits_ood=zo, logits_mix=zm, labels=y, lam=lam, weights=w)
+    n = f._cache_size()
+    f(logits_id=z, logits_ood=zo, logits_mix=zm, labels=y, lam=lam, weights=w.replace(logit_mix=2.))
+    assert f._cache_size() == n
+    f(logits_id=z, logits_ood=zo, logits_mix=zm, labels=y, lam=lam,
+      weights=w.replace(logit_mix_stop_id=False))
+    assert f._cache_size() == n + 1

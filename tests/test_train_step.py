@@ -229,8 +229,12 @@ def test_loss_falls_for_every_preset(method_name):
         history.append((float(m['loss/total']), float(m['loss/id'])))
     h = np.array(history)
     assert np.all(np.isfinite(h))
-    # the total carries lam-dependent soft-target entropy (noisy, with a floor): averaged windows
-    assert h[-15:, 0].mean() < 0.85 * h[:15, 0].mean(), h[:, 0]
+    # the total carries lam-dependent soft-target entropy (noisy, with a floor): averaged windows.
+    # With logit_mix_stop_id the step does not descend the total (the ID logits follow CE alone,
+    # and a growing margin raises the logit_mix value: docs/comparison.md, "The margin cap"), so
+    # only the ID cross-entropy below must fall.
+    if not method.weights.logit_mix_stop_id:
+        assert h[-15:, 0].mean() < 0.85 * h[:15, 0].mean(), h[:, 0]
     assert h[-8:, 1].mean() < 0.5 * h[:8, 1].mean(), h[:, 1]
 
 
