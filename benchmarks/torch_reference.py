@@ -56,6 +56,8 @@ def objective(weights, logits_id, logits_ood, logits_mix, labels, lam: float, nu
             loss = loss + float(weights.energy) * (
                 F.relu(e_id - float(weights.m_in)).square().mean()
                 + F.relu(float(weights.m_out) - e_ood).square().mean())
+        if weights.logit_mix_stop_id:
+            raise NotImplementedError('the PyTorch reference has no logit_mix_stop_id')
         logits_lmix = lam * logits_id + (1.0 - lam) * logits_ood
         if float(weights.logit_mix):
             loss = loss + float(weights.logit_mix) * soft_ce(logits_lmix, target)
