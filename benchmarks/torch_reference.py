@@ -115,18 +115,34 @@ def make_step(model, optimizer, scheduler, method_name: str, num_classes: int, a
 
 
 def small_cnn(num_classes: int, channels: int, width: int = 16):
-    """lmoe_jax's ``small_cnn`` from torchvision's blocks: 3x3 stem, three BasicBlock stages."""
-    from torch import nn
-    from torchvision.models.resnet import BasicBlock, conv1x1
+    """lmoe_jax's ``small_cnn`` in torch.nn: 3x3 stem, three stages of one BasicBlock each.
 
-    layers = [nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
-              nn.ReLU(inplace=True)]
+    The block is torchvision's ``BasicBlock`` (conv3x3(stride)-BN-ReLU-conv3x3-BN, 1x1/stride +
+    BN projection, add, ReLU), written out so that this case needs torch only, not torchvision.
+    """
+    from torch import nn
+
+    def conv(cin, cout, k, stride=1):
+        return nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+
+    class BasicBlock(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.body = nn.Sequential(conv(cin, cout, 3, stride), nn.BatchNorm2d(cout),
+                                      nn.ReLU(inplace=True), conv(cout, cout, 3),
+                                      nn.BatchNorm2d(cout))
+            self.down = None if stride == 1 and cin == cout else nn.Sequential(
+                conv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.relu(self.body(x) + (x if self.down is None else self.down(x)))
+
+    layers = [conv(channels, width, 3), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
     cin = width
     for i in range(3):
-        features, stride = width * 2 ** i, 1 if i == 0 else 2
-        down = None if stride == 1 and cin == features else nn.Sequential(
-            conv1x1(cin, features, stride), nn.BatchNorm2d(features))
-        layers.append(BasicBlock(cin, features, stride, down))
+        features = width * 2 ** i
+        layers.append(BasicBlock(cin, features, 1 if i == 0 else 2))
         cin = features
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
     return nn.Sequential(*layers)
@@ -135,10 +151,10 @@ def small_cnn(num_classes: int, channels: int, width: int = 16):
 def build_model(name: str, num_classes: int, channels: int, width: int | None = None):
     """torchvision's ResNet of that name (width 64 only), or the ``small_cnn`` twin."""
     import torch
-    import torchvision
 
     if name == 'small_cnn':
         return small_cnn(num_classes, channels, width or 16)
+    import torchvision
     if name not in ('resnet18', 'resnet34', 'resnet50'):
         raise ValueError(f'no PyTorch reference for model {name!r}')
     if width not in (None, 64):
