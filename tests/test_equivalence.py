@@ -38,18 +38,23 @@ def free_port() -> str:
 
 
 def worker_env(devices: int) -> dict:
-    """A child with ``devices`` CPU devices, gloo collectives, and the caller's other XLA flags
-    (scripts/stress_equivalence.sh passes ISA and thread flags through LMOE_TEST_XLA_FLAGS)."""
-    flags = f"{os.environ.get('LMOE_TEST_XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    return {**os.environ, 'XLA_FLAGS': flags.strip(), 'JAX_PLATFORMS': 'cpu',
+    """A child with ``devices`` CPU devices, gloo collectives, and this process's other XLA
+    flags (an ISA limit, say: scripts/stress_equivalence.sh)."""
+    flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+             if not f.startswith('--xla_force_host_platform_device_count')]
+    flags.append(f'--xla_force_host_platform_device_count={devices}')
+    return {**os.environ, 'XLA_FLAGS': ' '.join(flags), 'JAX_PLATFORMS': 'cpu',
             'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo', 'PYTHONPATH': os.path.dirname(HERE)}
 
 
-def run_processes(script: str, args_of, num: int, devices: int, timeout: float = 600):
-    """Start ``num`` processes of ``script`` on one loopback coordinator; fail with their stderr."""
+def run_processes(script: str, args_of, num: int, timeout: float = 600):
+    """Start ``num`` processes of ``script`` on one loopback coordinator, this process's devices
+    split between them; fail with their stderr."""
+    import jax
+    assert jax.device_count() % num == 0
     port = free_port()
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, script), *args_of(i, port)],
-                              env=worker_env(devices), stdout=subprocess.DEVNULL,
+                              env=worker_env(jax.device_count() // num), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE) for i in range(num)]
     for proc in procs:
         _, err = proc.communicate(timeout=timeout)
@@ -104,7 +109,7 @@ def eval_runs(tmp_path_factory):
     one = evaluate_worker.run(0, 1, workdir=str(root / 'one'))
     mesh = evaluate_worker.run(0, 1, workdir=str(root / 'mesh'), mesh=True)
     run_processes('evaluate_worker.py', lambda i, port: [str(i), '2', port, str(root / 'two')],
-                  num=2, devices=4)
+                  num=2)
     metrics = [json.loads((root / 'two' / f'metrics_{i}.json').read_text()) for i in range(2)]
     scores = {name: dict(np.load(root / name / 'report' / 'ood_scores.npz' if name == 'two'
                                  else root / name / 'ood_scores.npz'))
@@ -183,3 +188,92 @@ def test_two_process_eval_sees_every_image_and_writes_one_report(eval_runs):
     assert got['num_images'] == want['num_images'] == {'id_test': 45, 'fine': 27}
     assert (root / 'two' / 'report' / 'ood_report.json').exists()
     assert sorted(p.name for p in (root / 'two').iterdir()) == ['metrics_0.json', 'metrics_1.json', 'report']
+
+
+# --------------------------------------------------------------------------------------------------
+# One train step: one device, jit over 8 devices, pmap over 8, 2 processes x 4 devices
+# --------------------------------------------------------------------------------------------------
+
+def step_tolerance(state) -> float:
+    """Normwise relative bound on two layouts' results of one step of tests/step_worker.py.
+
+    Every number of the step is a chain of float32 reductions: per layer, forward (convolution,
+    BatchNorm mean and variance, pooling, dense) and backward (the same reductions transposed,
+    plus the weight gradients summed over the batch and the pixels). None sums more terms than
+    n = 3 images per example x 16 examples x 8 x 8 pixels = 3072 (the fan-ins are <= 9 x 16 =
+    144). With L layers, each result is within 2 L gamma(n) of the exact value relative to the
+    size of what it sums, so two layouts are within twice that. Measured normwise (max-norm of
+    the whole tree, e.g. all gradients), so a near-zero element that is cancellation noise is
+    held to the scale of its neighbours, not to its own.
+    """
+    import jax
+    layers = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(state.params)
+                 if jax.tree_util.keystr(path).endswith("['kernel']")) + \
+        len(jax.tree_util.tree_leaves(state.batch_stats)) // 2
+    return 2 * 2 * layers * gamma(3 * 16 * 8 * 8)
+
+
+def assert_step_outputs_close(got: dict, want: dict, tol: float, what: str):
+    """Each kind (grads, params, batch_stats, metrics) within ``tol`` of its max-norm."""
+    assert sorted(got) == sorted(want), what
+    for kind in ('grads', 'params', 'batch_stats', 'metrics'):
+        names = [k for k in want if k.startswith(kind + '/')]
+        assert names, kind
+        scale = max(np.abs(want[k]).max() for k in names)
+        for k in names:
+            if kind == 'metrics':  # each a scalar of its own size (losses, norms, rates)
+                scale = max(abs(float(want[k])), 1e-30)
+            err = np.abs(got[k] - want[k]).max()
+            if os.environ.get('LMOE_PRINT_ERRORS'):
+                print(f'{what} {k}: err/(tol*scale) = {err / (tol * scale):.3g}')
+            assert err <= tol * scale, f'{what}: {k} differs by {err:.3g} > {tol:.3g} x {scale:.3g}'
+
+
+@pytest.fixture(scope='module')
+def one_step(tmp_path_factory):
+    """The step's outputs on one device, on jit(8 devices), pmap(8), and 2 processes x 4."""
+    import functools
+    import jax
+    import step_worker
+    from lmoe_jax import parallel, train
+    method, batch = step_worker.method(), step_worker.global_batch()
+    rng = jax.random.key(step_worker.STEP_RNG_SEED)
+    state = step_worker.initial_state()
+    out = {'one': step_worker.outputs(*jax.jit(functools.partial(train.train_step, method=method))(
+        state, batch, rng))}
+    out['jit'] = step_worker.jit_step_on_processes(0, 1)
+
+    def pmap_outputs(bn_axis_name):
+        step = parallel.pmap_train_step(method)
+        local = {k: v.reshape(jax.local_device_count(), -1, *v.shape[1:]) for k, v in batch.items()}
+        return step_worker.outputs(*step(step_worker.initial_state(bn_axis_name), local, rng))
+    out['pmap'] = pmap_outputs(parallel.PMAP_AXIS)
+    out['pmap_unsynced_bn'] = pmap_outputs(None)  # the control: BatchNorm per device
+    path = tmp_path_factory.mktemp('step')
+    run_processes('step_worker.py', lambda i, port: [str(i), '2', port, str(path / f'p{i}.npz')],
+                  num=2)
+    out['two'] = [dict(np.load(path / f'p{i}.npz')) for i in range(2)]
+    return out, step_tolerance(state)
+
+
+@pytest.mark.parametrize('layout', ['jit', 'pmap', 'two'])
+def test_one_step_matches_one_device_within_the_rounding_bound(one_step, layout):
+    """Gradients, updated params, BatchNorm statistics and loss terms of ONE step (lmoe, every
+    term, per-example lam) on another layout vs one device, within ``step_tolerance``. One step
+    only: after a few steps a ReLU or argmax flipped by rounding makes the runs diverge (the
+    training is chaotic), and no rounding bound then holds."""
+    out, tol = one_step
+    got = out[layout]
+    if layout == 'two':
+        for key in got[0]:  # both processes hold the same replicated state, bit for bit
+            np.testing.assert_array_equal(got[0][key], got[1][key], err_msg=key)
+        got = got[0]
+    assert_step_outputs_close(got, out['one'], tol, layout)
+
+
+def test_the_step_bound_sees_unsynchronised_batchnorm(one_step):
+    """The bound says something: pmap without BatchNorm averaged over the devices (statistics of
+    2 examples per device, not 16) is far outside it."""
+    out, tol = one_step
+    with pytest.raises(AssertionError, match='differs by'):
+        assert_step_outputs_close(out['pmap_unsynced_bn'], out['one'], tol, 'unsynced')
