@@ -1,7 +1,6 @@
 """The trainer end to end: checkpoints, resume, SIGKILL/SIGTERM, config errors, stages, pmap,
 non-finite stop, and a real two-process run on this machine."""
 import copy
-import dataclasses
 import os
 import signal
 import socket
@@ -211,16 +210,17 @@ def test_two_stage_run_and_init_from_refuses_another_model(data_dirs, tmp_path):
         trainer.run(wider, str(tmp_path / 'wider'), 'train')
 
 
-def test_pmap_and_jit_both_train_and_checkpoint_the_same_model(data_dirs, tmp_path):
+def test_pmap_and_jit_both_train_and_checkpoint(data_dirs, tmp_path):
+    """Not numerics (tests/test_equivalence.py compares one step of each layout): both modes
+    train and write a checkpoint that restores to finite parameters of the same structure."""
     results = {}
     for mode in ('jit', 'pmap'):
         workdir = str(tmp_path / mode)
         trainer.run(tiny_config(data_dirs, parallelism=mode, num_train_steps=6), workdir, 'train')
         results[mode] = final_params(workdir)
     assert results['jit'][0] == results['pmap'][0] == 6
-    # same computation, other reduction order: six lr-0.05 steps grow float32 noise to ~2e-5
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
-                 results['pmap'][1], results['jit'][1])
+    assert jax.tree.structure(results['jit'][1]) == jax.tree.structure(results['pmap'][1])
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(results['pmap'][1]))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dirs, tmp_path):
@@ -263,52 +263,17 @@ def _two_processes(data_dirs, workdir, steps, *extra):
     return outs
 
 
-SMALL_LR = 0.005  # keeps 12 steps out of the chaotic regime; see the assertion below
-
-
-def test_two_process_run_matches_one_process_with_eight_devices(data_dirs, tmp_path):
-    """2 processes x 4 CPU devices (gloo): each reads its own half of every global batch, they
-    save at step 6 and restore together to reach 12; one process with 8 devices fed the same
-    global batches (the two halves concatenated) ends with the same parameters."""
+def test_two_process_run_saves_and_restores(data_dirs, tmp_path):
+    """Not numerics (tests/test_equivalence.py compares one step on 2 processes x 4 devices):
+    2 processes (gloo), each reading its own half of every global batch, save at step 6 and
+    restore together to reach 12."""
     workdir = str(tmp_path / 'multi')
-    _two_processes(data_dirs, workdir, 6, f'--config.learning_rate={SMALL_LR}')
+    _two_processes(data_dirs, workdir, 6)
     assert final_params(workdir)[0] == 6
-    _two_processes(data_dirs, workdir, 12, f'--config.learning_rate={SMALL_LR}')  # restores the step-6 checkpoint on both processes
+    _two_processes(data_dirs, workdir, 12)  # restores the step-6 checkpoint on both processes
     step, params = final_params(workdir)
     assert step == 12
-
-    ref = _replay_one_process(data_dirs, devices=8)
-    # Same computation, other summation order (gloo across processes). At lr 0.05 a ReLU that
-    # flips on a 1e-7 difference turns it into ~1e-3 within 12 steps (seen both with and without
-    # the step's interleaving); at lr 0.005 the runs agree to ~1e-6.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5), params, ref)
-
-
-def _replay_one_process(data_dirs, devices):
-    """The two-process run replayed in this process on ``num_devices`` devices: the same global
-    batches (the two halves concatenated), a 6-step schedule for the first half, then 12."""
-    from lmoe_jax import data, parallel
-    c = tiny_config(data_dirs, num_train_steps=12, learning_rate=SMALL_LR,
-                    **{'data.val_fraction': 0.0})
-    setup = dataclasses.replace(trainer.make_setup(c),
-                                mesh=parallel.make_mesh(jax.devices()[:devices]))
-    streams = [data.train_stream(c.data, batch_size=8, seed=0, process_index=i, process_count=2)
-               for i in range(2)]
-    rng = parallel.replicate(jax.random.fold_in(jax.random.key(0), 1), setup.mesh)
-    step_fn = parallel.jit_train_step(setup.method, setup.mesh)
-    state = trainer.initial_state(dataclasses.replace(setup, total_steps=6))
-    for _ in range(6):
-        parts = [next(s) for s in streams]
-        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        state, _ = step_fn(state, parallel.global_batch(batch, setup.mesh), rng)
-    fresh = trainer.initial_state(setup)  # 12-step schedule, state of step 6
-    state = fresh.replace(step=state.step, params=state.params, batch_stats=state.batch_stats,
-                          opt_state=state.opt_state)
-    for _ in range(6):
-        parts = [next(s) for s in streams]
-        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        state, _ = step_fn(state, parallel.global_batch(batch, setup.mesh), rng)
-    return jax.tree.map(np.asarray, jax.device_get(state.params))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
 EVAL_SCORES = "('msp','energy','kl_matching','mahalanobis')"
