@@ -108,6 +108,7 @@ def eval_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp('eval')
     one = evaluate_worker.run(0, 1, workdir=str(root / 'one'))
     mesh = evaluate_worker.run(0, 1, workdir=str(root / 'mesh'), mesh=True)
+    (root / 'two').mkdir()  # both processes write into it; neither may have to create it
     run_processes('evaluate_worker.py', lambda i, port: [str(i), '2', port, str(root / 'two')],
                   num=2)
     metrics = [json.loads((root / 'two' / f'metrics_{i}.json').read_text()) for i in range(2)]
