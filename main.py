@@ -92,6 +92,7 @@ BENIGN_WARNINGS = (
     'Given directory is read only',
     'Requested `tracked_metric`; did not provide metrics',  # Orbax: a save between validations
     'has no dataset_info.json',  # TFDS, while a dataset is first prepared
+    'Using custom data configuration',  # TFDS, per folder:<path> dataset (its own config)
     'oneDNN custom operations are on',  # TensorFlow's C++ start-up notes, not affected by
     'All log messages before absl::InitializeLog()',  # TF_CPP_MIN_LOG_LEVEL
 )
