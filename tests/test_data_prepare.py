@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 
 import data_fixtures as fx
 import outlier_fixtures as ofx
+from gcs_emulator import gcs  # noqa: F401  (the fixture)
 from lmoe_jax import data
 from lmoe_jax.data import prepare, sources
 from lmoe_jax.data.builders import webvision
@@ -116,6 +117,33 @@ def test_folder_source_feeds_the_train_stream_and_serves_as_coarse_ood(tmp_path)
     assert sum(masks) == len(expected)
 
 
+def test_main_silences_tfds_custom_config_chatter_of_folder_datasets(tmp_path):
+    """TFDS logs 'Using custom data configuration: <the whole config>' (a WARNING) whenever a
+    folder:<path> builder is made; main.py drops it unless --verbose. Control: the same call
+    before main's filter is installed does print it, so the check is not vacuous."""
+    script = (  # inside absl's app.run, where main.py installs its filter
+        'import sys, ml_collections\n'
+        'from absl import app\n'
+        'import main\n'
+        'from lmoe_jax.data import sources\n'
+        f'cfg = ml_collections.ConfigDict(dict(data_dir={str(tmp_path / "tfds")!r}))\n'
+        'def body(argv):\n'
+        f'    sources.make_builder("folder:" + {str(tmp_path / "a")!r}, cfg)\n'
+        '    print("-- quiet from here --", file=sys.stderr, flush=True)\n'
+        '    main._quiet_libraries(verbose=False)\n'
+        f'    sources.make_builder("folder:" + {str(tmp_path / "b")!r}, cfg)\n'
+        '    print("-- done --", file=sys.stderr, flush=True)\n'
+        f'app.run(body, argv=["main.py", "--workdir={tmp_path / "run"}"])\n')
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    env.update(JAX_PLATFORMS='cpu')
+    out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, _, after = out.stderr.partition('-- quiet from here --')
+    assert 'Using custom data configuration' in before, out.stderr[-3000:]
+    assert '-- done --' in after and 'Using custom data configuration' not in after, after
+
+
 def test_folder_that_does_not_exist_fails_clearly(tmp_path):
     with pytest.raises(DatasetNotReadyError, match='no such folder'):
         sources.open_builder(f'folder:{tmp_path / "nowhere"}', _cfg(tmp_path))
@@ -197,6 +225,42 @@ def test_prepare_command_names_listed_images_the_dataset_lacks(tmp_path):
     line = next(line for line in out.stdout.splitlines() if line.startswith('[MISSING]'))
     assert line.startswith('[MISSING] fgvc_aircraft (ID): DataFileError: ')
     assert "lists 1 image(s) the prepared dataset does not hold, e.g. ['images/1000100.jpg']" in line
+
+
+def test_prepare_command_into_a_gs_data_dir_as_docs_data_md_says(gcs, tmp_path):  # noqa: F811
+    """docs/data.md's TPU VM command on a GCS emulator (tests/gcs_emulator.py): downloads on a
+    local disk, MixOE's lists and the data_dir in the bucket; a second run only checks. What
+    reached the bucket is read through the emulator's own API."""
+    manual, lists = tmp_path / 'manual', tmp_path / 'lists'
+    fx.write_fake_aircraft_archive(str(manual), train=6, test=4)
+    ofx.write_fake_webvision(str(manual))
+    folder = ofx.write_mixoe_lists(str(lists), 'aircraft', ofx.AIRCRAFT_LISTS)
+    for name in sorted(os.listdir(folder)):  # as `gsutil cp -r info gs://BUCKET/MixOE/info`
+        gcs.upload(f'MixOE/info/aircraft/{name}', (lists / 'aircraft' / name).read_bytes())
+    cwd = tmp_path / 'cwd'
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    env.update(gcs.env, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=ROOT)
+    command = [sys.executable, '-m', 'lmoe_jax.data.prepare',
+               f'--config={os.path.join(ROOT, "configs", "aircraft.py")}',
+               f'--config.data.mixoe_info={gcs.gs("MixOE", "info")}', '--config.data.coarse_ood=()',
+               f'--data_dir={gcs.gs("tfds")}', f'--manual_dir={manual}']
+    for found in ('prepared now', 'already prepared'):
+        out = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+        lines = out.stdout.splitlines()
+        assert lines[1].startswith(f'[ready]   fgvc_aircraft (ID): {found} in '
+                                   f'{gcs.gs("tfds", "fgvc_aircraft", "1.0.0")}, '), lines
+        assert '10 images, 100 classes; MixOE lists: train 4 / val 2 / test 4 images, all found' \
+            in lines[1]
+        assert lines[2].startswith(f'[ready]   webvision1_outliers (outliers): {found} in '
+                                   f'{gcs.gs("tfds", "webvision1_outliers", "1.0.0")}, '), lines
+        assert lines[-1] == 'all 2 datasets are ready.'
+    for name in ('fgvc_aircraft', 'webvision1_outliers'):
+        stored = gcs.list(f'tfds/{name}/1.0.0/')
+        assert f'tfds/{name}/1.0.0/dataset_info.json' in stored, stored
+        assert any('.tfrecord' in n for n in stored), stored
+    assert not list(cwd.iterdir()) and not os.path.exists(os.path.join(ROOT, 'gs:'))
 
 
 def test_trainer_preparation_is_the_prepare_command_code(tmp_path, monkeypatch):

@@ -133,7 +133,8 @@ def check_lists(name: str, role: str, builder, data_config) -> Optional[dict]:
         if has_place and 'mixoe_info' in data_config:
             raise ListsNotSetError(
                 f'config.data.mixoe_info is not set: this config reads MixOE\'s image lists '
-                f'for {name} (its info/ folder).')
+                f'for {name} (its info/ folder): git clone {MIXOE_REPO} and pass '
+                '--config.data.mixoe_info=<the clone>/info.')
         return None
     lists = image_lists.read_lists(directory)
     names = {split: sources.file_names_of(builder, split) for split in builder.info.splits}
