@@ -109,14 +109,44 @@ def test_cars_without_test_labels_names_the_file_and_the_route(tmp_path):
     assert '404' in message and 'cars_train/cars_train/00001.jpg' in message
 
 
+# What each builder's message must name for an empty manual directory: its download page and
+# the paths of its layout, as docs/data.md's "Where to get each dataset" table writes them.
+MISSING_MESSAGES = {
+    'nabirds': ('https://dl.allaboutbirds.org/nabirds', 'nabirds/images.txt',
+                'image_class_labels.txt', 'train_test_split.txt', 'classes.txt',
+                'images/<class id>/'),
+    'butterfly200': ('https://www.dropbox.com/sh/3p4x1oc5efknd69/AABwnyoH2EKi6H9Emcyd0pXCa?dl=0',
+                     'butterfly200/images_small/<NNN>.<Genus_species>/'),
+    'stanford_cars': ('https://ai.stanford.edu/~jkrause/cars/car_dataset.html',
+                      'stanford_cars/cars_train/00001.jpg', 'cars_train/cars_train/00001.jpg',
+                      'stanford_cars/devkit/cars_meta.mat', 'devkit/cars_train_annos.mat',
+                      'stanford_cars/cars_test_annos_withlabels.mat', 'car_devkit/devkit/'),
+    'fgvc_aircraft': ('https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/',
+                      'fgvc-aircraft-2013b.tar.gz', 'fgvc-aircraft-2013b/'),
+    'webvision1_outliers': ('https://data.vision.ee.ethz.ch/cvl/webvision/download.html',
+                            'WebVision/info/synsets.txt', 'WebVision/info/queries_synsets_map.txt',
+                            'WebVision/google/q0001/*.jpg', 'WebVision/flickr/q0001/*.jpg'),
+}
+DOCS_NAME = {'nabirds': 'NABirds', 'butterfly200': 'Butterfly-200', 'stanford_cars': 'Stanford Cars',
+             'fgvc_aircraft': 'FGVC-Aircraft', 'webvision1_outliers': 'WebVision 1.0'}
+
+
 def test_missing_download_gives_each_builders_own_instructions(tmp_path):
+    """Each builder's error for an empty manual directory names its download page and layout,
+    and docs/data.md's table row says the same (so the two cannot drift apart)."""
     (tmp_path / 'manual').mkdir()
-    for name, words in (('nabirds', 'dl.allaboutbirds.org/nabirds'),
-                        ('butterfly200', 'images_small/<NNN>.<Genus_species>'),
-                        ('stanford_cars', 'cars_test_annos_withlabels.mat')):
+    docs = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             'docs', 'data.md'), encoding='utf-8').read()
+    rows = {line.split('|')[1].strip(): line for line in docs.splitlines() if line.startswith('| ')}
+    for name, words in MISSING_MESSAGES.items():
         with pytest.raises(DatasetNotReadyError) as err:
             sources.open_builder(name, _cfg(tmp_path))
-        assert f"'{name}' is not prepared" in str(err.value) and words in str(err.value)
+        message = str(err.value)
+        assert f"'{name}' is not prepared" in message
+        row = rows[DOCS_NAME[name]]
+        for word in words:
+            assert word in message, (name, word, message)
+            assert word in row.replace('`', ''), (name, word, row)
 
 
 # --- MixOE's lists -----------------------------------------------------------------------------
