@@ -140,10 +140,12 @@ def test_benchmark_config_trains_and_evaluates_end_to_end(prepared, config, tmp_
     assert prepared['prepare'].returncode == 0, prepared['prepare'].stdout
     benchmark = CONFIGS[config]
     workdir = tmp_path / 'run'
+    # nabirds.py runs as a TPU slice worker does (docs/training.md): no manual directory, only
+    # the prepared copies (of all five datasets) in the data_dir
+    manual = [] if config == 'nabirds' else [f'--config.data.manual_dir={prepared["manual"]}']
     out = subprocess.run(
         [sys.executable, 'main.py', f'--config=configs/{config}.py', f'--workdir={workdir}',
-         f'--config.data.mixoe_info={prepared["info"]}',
-         f'--config.data.manual_dir={prepared["manual"]}',
+         f'--config.data.mixoe_info={prepared["info"]}', *manual,
          f'--config.data.data_dir={prepared["tfds"]}', *SIZE_OVERRIDES],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, f'stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-5000:]}'
