@@ -91,6 +91,8 @@ def build_runs(args) -> list[dict]:
                       channels=args.channels or (1 if args.model == 'small_cnn' else 3),
                       num_classes=args.num_classes, batch_size=args.batch_size,
                       steps=args.steps, warmup=args.warmup, torch=True)]
+        if args.width:
+            cases[0]['width'] = args.width
     methods = [m for m in args.methods.split(',') if m]
     torch_methods = [m for m in args.torch_methods.split(',') if m]
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -117,6 +119,11 @@ def build_runs(args) -> list[dict]:
     return runs
 
 
+def _model(r: dict) -> str:
+    """The model's name, with its width where one was given (small_cnn w8: the demo's)."""
+    return f"{r['model']} w{r['width']}" if r.get('width') else r['model']
+
+
 def table(results: list[dict]) -> str:
     """Markdown table, plus the JAX/PyTorch and LMoE/MixOE ratios of each case."""
     head = ('| framework | variant | model | px | B | method | passes | step s (median) | '
@@ -124,13 +131,13 @@ def table(results: list[dict]) -> str:
     lines = [head, '|' + '---|' * (head.count('|') - 1)]
     for r in results:
         if 'error' in r:
-            lines.append(f"| {r['framework']} | {r.get('variant', '')} | {r['model']} | "
+            lines.append(f"| {r['framework']} | {r.get('variant', '')} | {_model(r)} | "
                          f"{r['image_size']} | {r['batch_size']} | {r['method']} | error: "
                          f"{r['error'][:80]} ||||||||")
             continue
         fmt = common.fmt
         lines.append(
-            f"| {r['framework']} | {r.get('variant', '')} | {r['model']} | {r['image_size']} | "
+            f"| {r['framework']} | {r.get('variant', '')} | {_model(r)} | {r['image_size']} | "
             f"{r['batch_size']} | {r['method']} | {r['passes']} | {r['step_s_median']:.3f} | "
             f"{r['cpu_s_median']:.3f} | {r['id_img_s']:.1f} | {r['fwd_img_s']:.1f} | {fmt(r.get('peak_mib'), '.0f')} | "
             f"{fmt(r.get('xla_mib'), '.0f')} | {fmt(r.get('compile_s'), '.1f')} |")
@@ -141,7 +148,7 @@ def table(results: list[dict]) -> str:
 
 def ratios(results: list[dict]) -> list[str]:
     ok = [r for r in results if 'error' not in r]
-    key = lambda r: (r['model'], r['image_size'], r['batch_size'], r['dtype'])  # noqa: E731
+    key = lambda r: (_model(r), r['image_size'], r['batch_size'], r['dtype'])  # noqa: E731
     out = []
     for case in sorted({key(r) for r in ok}, key=str):
         rows = [r for r in ok if key(r) == case]
@@ -176,6 +183,8 @@ def main():
     parser.add_argument('--suite', choices=sorted(SUITES), default=None,
                         help='a predefined list of cases; overrides --model/--image_size/...')
     parser.add_argument('--model', default='resnet50')
+    parser.add_argument('--width', type=int, default=None,
+                        help="the model's base width (default: its own; small_cnn 16, the demo 8)")
     parser.add_argument('--image_size', type=int, default=64)
     parser.add_argument('--channels', type=int, default=None, help='default: 1 for small_cnn, else 3')
     parser.add_argument('--num_classes', type=int, default=100)
@@ -219,7 +228,7 @@ def main():
         results.append(result)
         status = result.get('error') or (f"{result['step_s_median']:.3f} s/step, "
                                          f"{result['id_img_s']:.1f} ID img/s")
-        print(f"[{i + 1}/{len(runs)}] {spec['framework']}[{spec['variant']}] {spec['model']} "
+        print(f"[{i + 1}/{len(runs)}] {spec['framework']}[{spec['variant']}] {_model(spec)} "
               f"{spec['image_size']}px B={spec['batch_size']} {spec['method']}: {status} "
               f"(load {result.get('load_before')})", flush=True)
     info.update(load_end=common.load_average(), wall_s=time.time() - started)

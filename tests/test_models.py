@@ -377,3 +377,34 @@ def test_pointwise_conv_as_2d_dot_matches_numpy(stride):
     np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gw[0, 0], np.einsum('nhwc,nhwo->co', xs, g64), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_matmul_convs_batch_chunks_compute_the_same_small_cnn():
+    """The batch-chunked 3x3 convolutions of 'auto' on CPU (cpu_convs.num_batch_chunks: > 16
+    channels, chunks of >= 16 images) change speed only: small_cnn (width 16) on 48 images has
+    its 4 layer2/layer3 3x3 convolutions split in 3, and the same logits, features and gradients
+    as lax convolutions (eval mode; the per-op bound is tests/test_cpu_convs.py's)."""
+    from lmoe_jax.models import cpu_convs
+
+    x = np.random.default_rng(2).normal(size=(48, 28, 28, 1)).astype(np.float32)
+    plain = create_model(_config('small_cnn', width=16, matmul_convs=False), 6)
+    fast = create_model(_config('small_cnn', width=16, matmul_convs='auto'), 6)
+    variables = _random_variables(plain, x)
+    text = jax.jit(lambda v: fast.apply(v, x)).lower(variables).as_text()
+    plain_text = jax.jit(lambda v: plain.apply(v, x)).lower(variables).as_text()
+    # lax: 7 3x3 + 2 1x1 convolutions; 'auto': the 1x1 ones are dots, 4 of the 3x3 ones x 3.
+    assert plain_text.count('stablehlo.convolution') == 9
+    assert cpu_convs.matmul_conv_batch_chunks == 3
+    assert text.count('stablehlo.convolution') == 3 + 4 * 3
+
+    def loss(params, model):
+        logits, feats = model.apply({**variables, 'params': params}, x, train=False,
+                                    return_features=True)
+        return jnp.sum(logits ** 2) + jnp.sum(feats), (logits, feats)
+
+    (_, (z1, f1)), g1 = jax.value_and_grad(loss, has_aux=True)(variables['params'], plain)
+    (_, (z2, f2)), g2 = jax.value_and_grad(loss, has_aux=True)(variables['params'], fast)
+    np.testing.assert_allclose(z2, z1, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(f2, f1, rtol=1e-4, atol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g2), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))

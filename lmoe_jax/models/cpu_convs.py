@@ -4,8 +4,9 @@ Found by profiling the train step on CPU (docs/benchmarks.md): XLA swaps the ope
 convolution whose window has more pixels than its input (ResNet-50's 3x3 convolutions on the 2x2
 maps of its last stage at 64 px), and the swapped form runs in generic loops; XLA also computes
 the weight gradient of a 1x1 convolution as a convolution over the whole map. Written as matrix
-products they are 2.5-3.3x faster for ResNet-50 at 64 px on CPU. Same parameters, same numbers up
-to float summation order. Measured on CPU only, hence on by default on the CPU backend only
+products they are 2.5-3.3x faster for ResNet-50 at 64 px on CPU. XLA:CPU also runs each YNNPACK
+convolution on one thread; split into batch chunks, the chunks run side by side. Same parameters,
+same numbers up to float summation order. Measured on CPU only, hence on by default on the CPU backend only
 (``model.matmul_convs='auto'``).
 """
 from __future__ import annotations
@@ -68,13 +69,53 @@ def conv_as_patches_dot(lhs, rhs, window_strides, padding):
     return jnp.einsum('nhwk,ko->nhwo', cols, rhs.reshape(kh * kw * cin, cout))
 
 
-def make_small_map_conv(max_output_pixels: int | None = None, pointwise_as_dot: bool = False):
+#: XLA:CPU hands a convolution to YNNPACK only when ``max(in, out channels)`` exceeds this and it
+#: has no lhs dilation (``IsConvolutionOpSupportedByYnn`` in xla/backends/cpu/ynn_support.cc).
+YNN_MAX_SMALL_CHANNELS = 16
+
+
+def batch_chunked_conv(lhs, rhs, window_strides, padding, chunks: int, **conv_kwargs):
+    """``lax.conv_general_dilated`` (NHWC) over ``chunks`` near-equal batch slices, concatenated.
+
+    XLA:CPU runs each YNNPACK convolution on the calling thread only, so one large convolution
+    keeps one core busy; independent per-chunk convolutions (forward, input gradients and the
+    per-chunk weight gradients, summed by autodiff) are separate ops that the thunk executor
+    runs side by side. Each output element is the same sum as lax's; only the weight gradient
+    adds ``chunks`` partial sums in another order.
+    """
+    n = lhs.shape[0]
+    bounds = [round(i * n / chunks) for i in range(chunks + 1)]
+    ys = [lax.conv_general_dilated(lhs[a:b], rhs, window_strides, padding, **conv_kwargs)
+          for a, b in zip(bounds, bounds[1:]) if b > a]
+    return jnp.concatenate(ys, axis=0) if len(ys) > 1 else ys[0]
+
+
+def num_batch_chunks(lhs_shape, rhs_shape, batch_chunks: int, min_chunk: int,
+                     all_channels: bool = False) -> int:
+    """How many batch chunks :func:`make_small_map_conv` uses for an NHWC/HWIO convolution.
+
+    Only convolutions that go to YNNPACK (``max(in, out) > 16`` channels) with a spatial kernel
+    are split (1x1 ones are dots; Eigen's convolutions already use every thread), and never
+    into chunks of fewer than ``min_chunk`` images. ``all_channels``: every spatial convolution
+    (their weight gradients go to YNNPACK whatever the channels: the batch is their feature axis).
+    """
+    kh, kw, cin, cout = rhs_shape
+    if batch_chunks <= 1 or kh * kw == 1 or (
+            max(cin, cout) <= YNN_MAX_SMALL_CHANNELS and not all_channels):
+        return 1
+    return max(1, min(batch_chunks, lhs_shape[0] // max(1, min_chunk)))
+
+
+def make_small_map_conv(max_output_pixels: int | None = None, pointwise_as_dot: bool = False,
+                        batch_chunks: int = 1, min_chunk: int = 16, all_channels: bool = False):
     """A ``conv_general_dilated`` that uses :func:`conv_as_patches_dot` on small feature maps.
 
     ``max_output_pixels=None``: where the input or output map has fewer pixels than the kernel
     window (XLA's operand-swap condition, which the forward or the input gradient would meet);
     otherwise: every convolution with at most that many output pixels. ``pointwise_as_dot``:
-    1x1 convolutions go through :func:`conv_or_dot` as well.
+    1x1 convolutions go through :func:`conv_or_dot` as well. ``batch_chunks`` > 1: the other
+    spatial convolutions that XLA:CPU gives to YNNPACK run as that many batch chunks
+    (:func:`batch_chunked_conv`, :func:`num_batch_chunks`).
     """
     fallback = conv_or_dot if pointwise_as_dot else lax.conv_general_dilated
 
@@ -96,11 +137,22 @@ def make_small_map_conv(max_output_pixels: int | None = None, pointwise_as_dot: 
                 use_dot = ho * wo <= max_output_pixels
             if use_dot:
                 return conv_as_patches_dot(lhs, rhs, window_strides, padding)
+            chunks = num_batch_chunks(lhs.shape, rhs.shape, batch_chunks, min_chunk, all_channels)
+            if chunks > 1:
+                return batch_chunked_conv(lhs, rhs, window_strides, padding, chunks,
+                                          dimension_numbers=dimension_numbers,
+                                          precision=precision)
         return fallback(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                         feature_group_count=feature_group_count, precision=precision, **kwargs)
     return conv
 
 
-#: What ``model.matmul_convs=True`` uses: small-map 3x3 convolutions and 1x1 convolutions as dots.
-matmul_conv = make_small_map_conv(None, pointwise_as_dot=True)
+#: Batch chunks of the YNNPACK-sized spatial convolutions in :data:`matmul_conv` (3: -12% wall for
+#: the ResNet-50 64 px LMoE step at B=32 on 2 cores, docs/benchmarks.md, issue 22).
+matmul_conv_batch_chunks = 3
+
+#: What ``model.matmul_convs=True`` uses: small-map 3x3 convolutions and 1x1 convolutions as dots,
+#: the other spatial convolutions with > 16 channels in batch chunks of >= 16 images.
+matmul_conv = make_small_map_conv(None, pointwise_as_dot=True,
+                                  batch_chunks=matmul_conv_batch_chunks)
