@@ -1,16 +1,34 @@
-"""Paired comparison of the OE-family presets and the LMoE ablation on the Fashion-MNIST demo.
+"""Paired comparison of the OE-family presets and the LMoE ablation on the Fashion-MNIST demo,
+trained and evaluated by the product's own code (``lmoe_jax.trainer``, what ``main.py`` runs).
 
-The demo config's own protocol (configs/fashion_mnist.py), per seed ``s``:
+The demo config's own protocol (configs/fashion_mnist.py), per seed ``s``, as ``trainer.run``
+runs it for one method (its ``_run_stages``), but with one stage 1 shared by every variant:
 
-1. train ONE cross-entropy baseline for the config's ``baseline_epochs`` (5 epochs, cached);
-2. fine-tune that same checkpoint with every variant for the config's ``num_epochs`` (2 epochs,
-   its learning rate) on the very same batches (ID order and outlier draws, kept once per seed)
-   with the very same rng, so lam draws agree step by step (``train_step`` folds in the step);
-3. evaluate MSP and Energy scores on the validation sets, which alone may choose anything
-   (ID val = held-out share of ID train; outlier val = held-out auxiliary outliers the train
-   stream never draws), on the test sets (ID test, fine-grained OOD test, coarse OOD digits), and
-   on a diagnostic reported apart and never used to choose ('fine_ood_diag': training images of
-   the held-out classes, i.e. of the classes the test calls OOD).
+1. stage 1, ONCE per seed: ``trainer.train_stage(trainer.baseline_stage_config(config),
+   <seed>/baseline)``: cross-entropy for the config's ``baseline_epochs`` (5 epochs), its
+   checkpoints, its validation accuracy. The row ``stage1`` is ``trainer.evaluate_run`` of it.
+2. stage 2, every variant: ``trainer.train_stage(config, <seed>/<variant>)`` with
+   ``config.method`` / ``config.loss`` = the variant and ``config.init_from`` = that baseline
+   workdir, so each one starts from the same (best by ID validation accuracy) stage-1
+   checkpoint with a fresh optimiser and schedule, for the config's ``num_epochs`` (2 epochs).
+   Pairing comes from the trainer itself: the train stream is a function of ``config.seed`` and
+   the step only (``data.train_stream(seed, start_step)``; stage 2 starts at step 0), and the
+   step key is ``fold_in(key(seed), 1)`` with the step folded in by ``train_step``, so every
+   variant of a seed sees the same ID batches, augmentation, outlier draws and (mixup, one lam
+   per step) the same lam at each step. tests/test_study.py records them through the runner.
+3. evaluation of the checkpoint ``main.py`` evaluates (the best by ID validation accuracy):
+   * test (reported only): ``trainer.evaluate_run`` itself, MSP and Energy (``config.scores``),
+     OpenOOD convention (OOD positive): ID test, fine-grained OOD test, coarse OOD; its report
+     (ood_report.{json,md,csv}, ood_scores.npz, plots) lands in the variant's workdir as for
+     ``main.py --mode=eval``, and the record's 'test' numbers are that report's;
+   * validation, the only sets that choose anything: ID val (held-out share of ID train) against
+     outlier val (held-out auxiliary outliers the train stream never draws);
+   * a diagnostic reported apart and never used to choose ('fine_ood_diag': training images of
+     the held-out classes, i.e. of the classes the test calls OOD), a fixed random subset.
+   Validation and diagnostic go through ``lmoe_jax.evaluate``'s own steps (``make_forward``,
+   ``model_outputs``, ``score_outputs``, ``build_metrics``) on the same checkpoint
+   (``trainer.restore_for_evaluation``); that pass recomputes the test metrics too, which must
+   equal evaluate_run's report to 1e-9 (else the run stops: the arrays are not of that model).
 
 The ablation seeds (``--ablation_seeds``, default 0,1,2) run first with every variant; their
 validation numbers choose the lmoe candidate (``select_lmoe``), which then also runs on the
@@ -20,15 +38,52 @@ remaining seeds with the main variants. The class split is an argument (``--id_c
 the per-image logits and scores of that run in ``scores_seed<s>_<variant>.npz`` beside it, and
 ``tables.md``. ``--summarize`` only reads the JSONL and writes the tables.
 
+Caches, under ``--workdir`` (default runs/compare) in folders named by a hash of the config they
+hold: the stage-1 run of each seed (trained once, reused by every variant and every rerun) and
+each variant's stage-2 run (a study killed mid-run resumes it from its last checkpoint; one
+killed during the evaluation re-evaluates without retraining), the XLA compilation cache, and
+in memory the decoded eval sets (the diagnostic cut to its subset before any forward pass).
+
+Not shared with the trainer, and why:
+* the second pass over the eval sets: ``evaluate_run`` scores only ``data.eval_datasets`` and
+  returns metrics, not per-image logits; validation, the diagnostic and the npz need the
+  model's outputs, so the study takes the checkpoint evaluate_run scores from
+  ``trainer.restore_for_evaluation`` and runs evaluate's steps on its own sets (the cost: one
+  more forward pass over the test sets per run, a few seconds; the trainer has no extra-sets
+  hook by the lead's choice).
+* the training terms in the record are the trainer's logged interval means (read back from its
+  TensorBoard files), no longer a per-step tail: the trainer's loop keeps no per-step metrics.
+* the per-seed pairing of several variants, the stage-1 sharing, the run order, the selection
+  rule and the tables are the study's: the trainer runs one method per workdir.
+* ``config.scores`` is ('msp', 'energy'), not the demo's nine: the study reports those two and
+  the others (ODIN, fitted scores) would cost a pass over ID train per run.
+
     .venv/bin/python benchmarks/compare_methods.py --out=benchmarks/results/study_split0 --id_classes=0,1,2,3,8,9
     .venv/bin/python benchmarks/compare_methods.py --out=benchmarks/results/study_split1 --split=1
     .venv/bin/python benchmarks/compare_methods.py --out=... --summarize   # tables only
     .venv/bin/python benchmarks/compare_methods.py --smoke   # 1 seed, a few steps, 3 variants
+
+Re-running split 0 on this path (issue 21), the README's command into the README's folder once
+the standalone loop's evidence has moved aside (the study refuses to overwrite the per-image
+files of another protocol's records):
+
+    git mv benchmarks/results/study_split0 benchmarks/results/study_split0_standalone
+    flock /work/coord/heavy.lock .venv/bin/python benchmarks/compare_methods.py \
+        --out=benchmarks/results/study_split0 --id_classes=0,1,2,3,8,9
+
+Time, estimated from ``--smoke`` (1 seed, 20 + 10 steps, load 2.2-2.5 on 2 cores): each run
+has a fixed cost of ~20 s (stage1: evaluation) to ~38 s (a variant: set-up, stream start,
+validation, checkpoints, evaluate_run, the second pass), against ~3 s in the standalone loop;
+the plan is 5 stage-1 runs + 53 variant runs, so ~35 min of fixed cost on top of the training
+steps, which took 89 min in the standalone loop: ~2 h if the trainer's steady step time equals
+the old loop's, up to ~3 h at the smoke's step rates (16 / 7.7 / 4.8 steps/s for baseline /
+mixoe_mixup / lmoe over 5-step windows, against 26 / 14 / 8 in the old loop's cost table).
 """
 from __future__ import annotations
 
 import argparse
-import functools
+import copy
+import hashlib
 import io
 import json
 import os
@@ -45,6 +100,9 @@ sys.path.insert(0, str(ROOT))
 
 REFERENCE = 'mixoe_mixup'  # paired differences of the main table are taken to this method
 LMOE_REFERENCE = 'lmoe'  # and of the ablation to the reconstructed preset
+#: records of this script; those without 'path' in their protocol came from the standalone loop
+#: it had before (its own state, step, loop and evaluation), kept apart in the tables
+PATH = 'trainer'
 
 #: The LMoE reconstruction the study was run with (the `lmoe` preset until the study chose
 #: consistency 0.1): pinned here so that the study's names keep their meaning whatever the preset.
@@ -94,7 +152,7 @@ SMOKE_VARIANTS = 'baseline,mixoe_mixup,lmoe'
 
 
 # --------------------------------------------------------------------------------------------------
-# Set-up: config, data, model
+# Set-up: the demo config and its class split, the eval sets held in memory
 # --------------------------------------------------------------------------------------------------
 
 def parse_classes(text: str) -> List[int]:
@@ -137,7 +195,8 @@ def demo_config(data_dir: str, *, id_classes: Optional[Sequence[int]] = None,
 
 
 def load_eval_arrays(cfg, fine_diag_size: int, batch_size: int = 1000) -> Dict[str, Dict[str, np.ndarray]]:
-    """Every validation, test and diagnostic set once, as host arrays {name: {'image', 'label'}}.
+    """Every validation, test and diagnostic set once, as host arrays {name: {'image', 'label',
+    'kind'}}, read by the data module's own eval sets (the ones ``evaluate_run`` reads).
 
     The fine-grained diagnostic (all training images of the held-out classes) is cut to a fixed
     random ``fine_diag_size`` subset (seed 0) to keep evaluation cheap.
@@ -166,118 +225,220 @@ def load_eval_arrays(cfg, fine_diag_size: int, batch_size: int = 1000) -> Dict[s
     return arrays
 
 
-def build_model(cfg, num_classes: int):
-    from lmoe_jax import models
-    return models.create_model(cfg.model, num_classes)
+# --------------------------------------------------------------------------------------------------
+# The configs of one seed: stage 1 and each variant's stage 2 (plain trainer configs)
+# --------------------------------------------------------------------------------------------------
+
+def seed_config(cfg, seed: int, *, baseline_steps: Optional[int] = None,
+                finetune_steps: Optional[int] = None, finetune_lr: Optional[float] = None,
+                steps_per_epoch: Optional[int] = None, log_every: Optional[int] = None,
+                eval_batch_size: Optional[int] = None, cache_dir: Optional[str] = None):
+    """The demo config for seed ``seed`` as ``main.py`` would take it with ``--config.*`` flags:
+    ``baseline_steps`` becomes ``baseline_epochs`` = steps / steps per epoch (the trainer turns
+    it back into the same count), ``finetune_steps`` ``num_train_steps``, ``finetune_lr``
+    ``learning_rate`` (stage 2; stage 1 keeps the config's through ``baseline_learning_rate``)."""
+    c = copy.deepcopy(cfg)
+    with c.unlocked():
+        c.seed = int(seed)
+        c.scores = SCORES
+        if baseline_steps is not None:
+            c.baseline_epochs = float(baseline_steps) / float(steps_per_epoch)
+        if finetune_steps is not None:
+            c.num_train_steps = int(finetune_steps)
+        if finetune_lr is not None and float(finetune_lr) != float(cfg.learning_rate):
+            c.baseline_learning_rate = float(cfg.baseline_learning_rate or cfg.learning_rate)
+            c.learning_rate = float(finetune_lr)
+        if log_every:
+            c.log_every_steps = int(log_every)
+        if eval_batch_size:
+            c.eval_batch_size = int(eval_batch_size)
+        if cache_dir is not None:
+            c.compilation_cache_dir = str(cache_dir)
+    return c
 
 
-def fresh_state(cfg, model, image_shape, total_steps: int, rng, params=None, batch_stats=None):
-    """A TrainState with a new optimiser and a cosine schedule over ``total_steps``: initialised
-    from ``rng``, or (stage 2) starting from given params / batch stats with step 0."""
-    import jax
-    import jax.numpy as jnp
-    from lmoe_jax import train
-    tx, lr_fn = train.make_optimizer(cfg, total_steps)
-    if params is None:
-        return train.create_train_state(rng, model, tx, lr_fn, tuple(image_shape))
-    params, batch_stats = jax.device_put((params, batch_stats))
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                            opt_state=tx.init(params), apply_fn=model.apply, tx=tx, lr_fn=lr_fn)
+def variant_config(config, name: str, baseline_dir):
+    """Stage 2 of ``name``: its preset and loss overrides (every other loss field back to the
+    preset's), started from the seed's stage-1 run, as ``trainer._run_stages`` hands over."""
+    preset, overrides = VARIANTS[name]
+    c = copy.deepcopy(config)
+    with c.unlocked():
+        c.method = preset
+        for key in c.loss.keys():
+            c.loss[key] = None
+        for key, value in overrides.items():
+            c.loss[key] = value
+        c.init_from = str(baseline_dir)
+    return c
+
+
+#: fields that do not change what a stage trains (the log interval, the eval batch, where
+#: compiled programs are kept, the scores of the report; stage 1 has applied its learning rate)
+_NOT_HASHED = ('log_every_steps', 'eval_batch_size', 'compilation_cache_dir', 'scores', 'profile',
+               'baseline_learning_rate')
+
+
+def config_hash(config) -> str:
+    """Short hash of a stage's config: the name of its cached run."""
+    from lmoe_jax import trainer
+    fields = {k: v for k, v in trainer.config_to_dict(config).items() if k not in _NOT_HASHED}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def seed_dir(workdir: epath.PathLike, config) -> epath.Path:
+    """The seed's cache folder, named by a hash of everything its stage-1 run depends on."""
+    from lmoe_jax import trainer
+    stage1 = trainer.baseline_stage_config(config)
+    return epath.Path(workdir) / f'seed{int(config.seed)}_{config_hash(stage1)}'
+
+
+def variant_dir(seeds_dir: epath.Path, name: str, config) -> epath.Path:
+    return seeds_dir / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}_{config_hash(config)}"
 
 
 # --------------------------------------------------------------------------------------------------
-# Training and evaluation
+# Training: trainer.train_stage, stage 1 once per seed
 # --------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _step_fn(method):
-    import jax
-    from lmoe_jax import train
-    return jax.jit(functools.partial(train.train_step, method=method), donate_argnums=(0,))
+def train_baseline(config, seeds_dir: epath.Path) -> tuple[Any, epath.Path, Optional[float]]:
+    """Stage 1 of the seed (``trainer.train_stage`` of ``baseline_stage_config``), trained once:
+    a finished run in its folder is reused as it is. Returns (config, workdir, seconds trained
+    by this call or None)."""
+    from lmoe_jax import trainer
+    stage1 = trainer.baseline_stage_config(config)
+    workdir = seeds_dir / 'baseline'
+    return (stage1, workdir) + (_train(stage1, workdir, 'baseline'),)
 
 
-def run_steps(state, batches: Iterable[dict], rng, method, label: str, total: int,
-              log_every: int) -> tuple[Any, Dict[str, float], float]:
-    """Train on ``batches``; returns (state, mean of each metric over the last 50 steps, seconds)."""
-    import jax
-    step_fn = _step_fn(method)
-    tail: List[dict] = []
+def train_variant(config, name: str, seeds_dir: epath.Path,
+                  baseline_dir: epath.Path) -> tuple[Any, epath.Path, Optional[float]]:
+    """Stage 2 of ``name`` from the seed's stage-1 run; (config, workdir, seconds or None)."""
+    stage2 = variant_config(config, name, baseline_dir)
+    workdir = variant_dir(seeds_dir, name, stage2)
+    return stage2, workdir, _train(stage2, workdir, name)
+
+
+def _train(config, workdir: epath.Path, stage: str) -> Optional[float]:
+    from lmoe_jax import trainer
+    trainer.validate_config(config, mode='train')
     start = time.perf_counter()
-    for i, batch in enumerate(batches):
-        state, metrics = step_fn(state, batch, rng)
-        if i >= total - 50:
-            tail.append(metrics)
-        if log_every and (i + 1) % log_every == 0:
-            loss = float(metrics['loss/total'])
-            if not np.isfinite(loss):
-                raise FloatingPointError(f'{label}: non-finite loss at step {i + 1}')
-            print(f'    {label}: step {i + 1}/{total} loss {loss:.4f} '
-                  f'({(time.perf_counter() - start) / (i + 1):.3f} s/step)', flush=True)
-    jax.block_until_ready(state)
-    seconds = time.perf_counter() - start
-    tail = jax.device_get(tail)
-    means = {k: float(np.mean([m[k] for m in tail])) for k in tail[0]} if tail else {}
-    return state, means, seconds
+    summary = trainer.train_stage(config, workdir, stage=stage)
+    if summary.get('preempted'):
+        raise SystemExit(f'{stage}: stopped on request; run the same command again to resume.')
+    expected = trainer.make_setup(config).total_steps
+    if int(summary['steps']) != expected:
+        raise RuntimeError(f'{stage}: {summary["steps"]} steps in {workdir}, expected {expected}')
+    # 'val_accuracy' only comes back from a loop that ran: a finished run is reused as it is
+    return time.perf_counter() - start if 'val_accuracy' in summary else None
 
 
-@functools.lru_cache(maxsize=None)
-def _logits_fn(apply_fn):
-    import jax
-    return jax.jit(lambda variables, x: apply_fn(variables, x, train=False))
+def logged_train_means(workdir: epath.PathLike, window: int = 50) -> tuple[Dict[str, float], int]:
+    """The trainer's logged means of the train metrics ('train/*' scalars of its TensorBoard
+    files) over the last logged intervals that cover at least ``window`` steps, weighted by
+    interval length; returns (means without the 'train/' prefix, steps covered)."""
+    import tensorflow as tf
+    by_step: Dict[int, Dict[str, float]] = {}
+    for path in sorted(epath.Path(workdir).glob('events.out.tfevents.*')):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag.startswith('train/'):
+                    number = (float(tf.make_ndarray(value.tensor)) if value.HasField('tensor')
+                              else float(value.simple_value))
+                    by_step.setdefault(int(event.step), {})[value.tag[len('train/'):]] = number
+    steps = sorted(by_step)
+    blocks = []  # (length, metrics) from the end
+    for i in range(len(steps) - 1, -1, -1):
+        length = steps[i] - (steps[i - 1] if i else 0)
+        blocks.append((length, by_step[steps[i]]))
+        if sum(b[0] for b in blocks) >= window:
+            break
+    if not blocks:
+        return {}, 0
+    total = sum(b[0] for b in blocks)
+    keys = set.intersection(*[set(m) for _, m in blocks])
+    return {k: float(sum(n * m[k] for n, m in blocks) / total) for k in sorted(keys)}, int(total)
 
 
-def predict_logits(state, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Logits in fixed-size padded batches (one compilation for every set)."""
-    fn = _logits_fn(state.apply_fn)
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    out = []
-    for lo in range(0, len(images), batch_size):
-        chunk = images[lo:lo + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(fn(variables, chunk), np.float64)[:batch_size - pad])
-    return np.concatenate(out)
+# --------------------------------------------------------------------------------------------------
+# Evaluation: trainer.evaluate_run, and evaluate's steps on the study's own sets
+# --------------------------------------------------------------------------------------------------
 
-
-def score_logits(logits: np.ndarray) -> Dict[str, np.ndarray]:
-    from lmoe_jax.ood import scores as scores_lib
-    return {'msp': np.asarray(scores_lib.msp(logits), np.float64),
-            'energy': np.asarray(scores_lib.energy(logits), np.float64)}
+def model_outputs(config, workdir, arrays: Mapping[str, Mapping[str, Any]]):
+    """{set: {'logits', 'label'}} of the checkpoint evaluate_run scores
+    (``trainer.restore_for_evaluation``) on every array set, through ``evaluate.make_forward`` /
+    ``model_outputs`` with evaluate_run's batch (``trainer.eval_batch_size``) and sharding."""
+    from lmoe_jax import evaluate, parallel, trainer
+    from lmoe_jax.ood import sources
+    setup, state, step = trainer.restore_for_evaluation(config, workdir)
+    sharding = parallel.data_sharded(setup.mesh)
+    forward = evaluate.make_forward(setup.model.apply, features=False, sharding=sharding)
+    batch = trainer.eval_batch_size(config)
+    out = {}
+    for name, a in arrays.items():
+        source = sources.array_source(a['image'], a['label'], batch)
+        out[name] = evaluate.concat_outputs(evaluate.model_outputs(
+            forward, state.variables, source, sharding=sharding, what=f'study[{name}]'), name)
+    return out, int(step)
 
 
 def metric_groups(arrays: Mapping[str, Mapping[str, Any]]) -> Dict[str, tuple]:
-    """group -> (ID set, {OOD kind: sets}). 'val' is the only group that may choose anything;
-    'fine_diag' uses the held-out classes' training images and is reported apart."""
-    return {'val': ('id_val', {'outlier': ['outlier_val']}),
-            'fine_diag': ('id_val', {'fine': ['fine_ood_diag']}),
-            'test': ('id_test', {'fine': ['fine_ood_test'],
-                                 'coarse': [n for n, a in arrays.items() if a['kind'] == 'coarse_ood']})}
+    """group -> (ID set, [OOD sets]). 'val' is the only group that may choose anything;
+    'fine_diag' uses the held-out classes' training images and is reported apart; 'test' is
+    evaluate_run's (recomputed here to check the per-image arrays against its report)."""
+    return {'val': ('id_val', ['outlier_val']),
+            'fine_diag': ('id_val', ['fine_ood_diag']),
+            'test': ('id_test', ['fine_ood_test'] + [n for n, a in arrays.items()
+                                                     if a['kind'] == 'coarse_ood'])}
 
 
-def evaluate_state(state, arrays: Mapping[str, Mapping[str, np.ndarray]],
-                   batch_size: int) -> tuple[dict, Dict[str, np.ndarray]]:
-    """(metrics, per-image arrays). Metrics: ID accuracy and, per score, AUROC / FPR@95 (OpenOOD:
-    OOD positive) of every group of ``metric_groups``, plus a few logit statistics. Per-image:
-    '<set>/logits', '<set>/<score>' and '<set>/label' of every set."""
-    from lmoe_jax.ood import metrics as M
-    logits = {name: predict_logits(state, a['image'], batch_size) for name, a in arrays.items()}
-    scores = {name: score_logits(z) for name, z in logits.items()}
+#: evaluate's mean rows -> the record's OOD kind ('ood_mean' is the held-out outliers)
+_KIND_OF_ROW = {'fine_mean': 'fine', 'coarse_mean': 'coarse', 'ood_mean': 'outlier'}
+
+
+def flat_metrics(metrics: Mapping[str, Any], id_accuracy: float) -> Dict[str, float]:
+    """evaluate's metrics dict -> the record's {'id_acc', '<score>/<kind>_auroc', ..._fpr95}."""
+    res = {'id_acc': float(id_accuracy)}
+    for score in SCORES:
+        for row, kind in _KIND_OF_ROW.items():
+            if row in metrics['scores'][score]:
+                values = metrics['scores'][score][row]
+                res[f'{score}/{kind}_auroc'] = float(values['openood_auroc'])
+                res[f'{score}/{kind}_fpr95'] = float(values['openood_fpr95'])
+    return res
+
+
+def evaluate_variant(config, workdir, arrays: Mapping[str, Mapping[str, Any]]
+                     ) -> tuple[dict, Dict[str, np.ndarray]]:
+    """(record fields, per-image arrays) of a finished run.
+
+    'test' is ``trainer.evaluate_run``'s report (written into ``workdir``); 'val' and
+    'fine_diag' come from ``evaluate.build_metrics`` on the same checkpoint's outputs, whose
+    test metrics must equal the report's. Per-image: '<set>/logits', '<set>/<score>' and
+    '<set>/label' of every set; 'diag': a few logit statistics of the test sets.
+    """
+    from lmoe_jax import evaluate, trainer
+    from lmoe_jax.ood import metrics as metrics_lib
+    product = trainer.evaluate_run(config, workdir)
+    outputs, step = model_outputs(config, workdir, arrays)
+    scores = {n: evaluate.score_outputs(o, {}, SCORES, evaluate.ScoreConfig())
+              for n, o in outputs.items()}
     out = {}
-    for group, (id_name, ood) in metric_groups(arrays).items():
-        res = {'id_acc': float(np.mean(np.argmax(logits[id_name], -1) == arrays[id_name]['label']))}
-        for score in SCORES:
-            id_conf = scores[id_name][score]
-            for kind, names in ood.items():
-                if not names:
-                    continue
-                ood_conf = np.concatenate([scores[n][score] for n in names])
-                res[f'{score}/{kind}_auroc'] = M.openood_auroc(id_conf, ood_conf)
-                res[f'{score}/{kind}_fpr95'] = M.openood_fpr_at_95_tpr(id_conf, ood_conf)
-        out[group] = res
+    for group, (id_name, ood_names) in metric_groups(arrays).items():
+        kinds = {id_name: 'id', **{n: arrays[n]['kind'] for n in ood_names}}
+        metrics = evaluate.build_metrics({n: scores[n] for n in kinds}, kinds, id_name, None,
+                                         seed=int(config.seed))
+        acc = metrics_lib.top1_accuracy(outputs[id_name]['logits'], outputs[id_name]['label'])
+        out[group] = flat_metrics(metrics, acc)
+    test = flat_metrics(product, product['id_accuracy'])
+    gap = (max(abs(test[k] - out['test'][k]) for k in test) if set(test) == set(out['test'])
+           else float('inf'))
+    if gap > 1e-9:
+        raise RuntimeError(f'{workdir}: the study\'s pass over the test sets gives {out["test"]}, '
+                           f'evaluate_run {test} (max gap {gap:.3g}): not the same checkpoint?')
+    out['test'] = test
     diag = {}
     for name in ('id_test', 'fine_ood_test'):
-        z = logits[name]
+        z = outputs[name]['logits'].astype(np.float64)
         top2 = np.sort(z, axis=-1)[:, -2:]
         # msp is the log-odds of the max softmax probability; the mean is of the probability
         diag[name] = {'mean_msp': float((1.0 / (1.0 + np.exp(-scores[name]['msp']))).mean()),
@@ -285,31 +446,22 @@ def evaluate_state(state, arrays: Mapping[str, Mapping[str, np.ndarray]],
                       'mean_top1_margin': float(np.mean(top2[:, 1] - top2[:, 0])),
                       'mean_logit_std': float(np.mean(np.std(z, axis=-1)))}
     out['diag'] = diag
+    out['eval_step'] = step
     per_image = {}
     for name in arrays:
         per_image[f'{name}/label'] = np.asarray(arrays[name]['label'])
-        per_image[f'{name}/logits'] = logits[name].astype(np.float32)
+        per_image[f'{name}/logits'] = outputs[name]['logits'].astype(np.float32)
         per_image.update({f'{name}/{score}': scores[name][score] for score in SCORES})
     return out, per_image
 
 
 # --------------------------------------------------------------------------------------------------
-# Per-seed caches: the baseline checkpoint and the fine-tune batches
+# Results file
 # --------------------------------------------------------------------------------------------------
 
-def seed_dir(workdir: epath.PathLike, seed: int, protocol: Mapping[str, Any]) -> epath.Path:
-    """The seed's cache folder; its name holds everything the cached baseline depends on."""
-    tag = (f"b{protocol['baseline_steps']}_f{protocol['finetune_steps']}_bs{protocol['batch_size']}"
-           f"_id{'-'.join(map(str, protocol['id_classes']))}_ov{protocol['outlier_val_fraction']:g}")
-    path = epath.Path(workdir) / tag / f'seed{seed}'
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _atomic_save(path: epath.Path, data: bytes) -> None:
-    tmp = path.parent / (path.name + '.tmp')
-    tmp.write_bytes(data)
-    tmp.replace(path)
+def _atomic_write(path: epath.Path, data) -> None:
+    from lmoe_jax.ood import report
+    report._atomic_write(path, data)  # noqa: SLF001  the report's writer (gs:// safe)
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -318,50 +470,10 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def prepare_seed(cfg, model, image_shape, seed: int, protocol: Mapping[str, Any], workdir: str, log_every: int):
-    """The seed's baseline state and fine-tune batches, from the cache or computed now.
-
-    The stream of seed ``s`` gives the baseline its first ``baseline_steps`` batches and every
-    fine-tune the next ``finetune_steps`` ones (the same arrays for every variant).
-    """
-    import jax
-    from flax import serialization
-    from lmoe_jax import data, losses
-    path = seed_dir(workdir, seed, protocol)
-    ckpt, batch_file = path / 'baseline.msgpack', path / 'finetune_batches.npz'
-    b_steps, f_steps = protocol['baseline_steps'], protocol['finetune_steps']
-    init_rng, base_rng = jax.random.split(jax.random.PRNGKey(seed))
-    template = fresh_state(cfg, model, image_shape, b_steps, init_rng)
-    if ckpt.exists() and batch_file.exists():
-        restored = serialization.from_bytes(
-            {'params': template.params, 'batch_stats': template.batch_stats}, ckpt.read_bytes())
-        with np.load(io.BytesIO(batch_file.read_bytes())) as z:
-            batches = {k: z[k] for k in z.files}
-        print(f'  seed {seed}: baseline and fine-tune batches loaded from {path}', flush=True)
-        return restored, batches, None
-    stream = data.train_stream(cfg.data, batch_size=protocol['batch_size'], seed=seed,
-                               process_index=0, process_count=1)
-    t0 = time.perf_counter()
-    state, _, seconds = run_steps(template, (next(stream) for _ in range(b_steps)), base_rng,
-                                  losses.get_method('baseline'), f'seed {seed} baseline', b_steps,
-                                  log_every)
-    collected = [next(stream) for _ in range(f_steps)]
-    batches = {k: np.stack([b[k] for b in collected]) for k in ('image', 'label', 'ood_image')}
-    restored = {'params': jax.device_get(state.params), 'batch_stats': jax.device_get(state.batch_stats)}
-    _atomic_save(ckpt, serialization.to_bytes(restored))
-    _atomic_save(batch_file, _npz_bytes(batches))
-    print(f'  seed {seed}: baseline trained in {seconds:.0f}s (with data {time.perf_counter() - t0:.0f}s)',
-          flush=True)
-    return restored, batches, seconds
-
-
-# --------------------------------------------------------------------------------------------------
-# Results file
-# --------------------------------------------------------------------------------------------------
-
 def normalized(protocol: Mapping[str, Any]) -> Dict[str, Any]:
-    """Records written before --finetune_lr existed fine-tuned at the stage-1 learning rate."""
-    return {'finetune_lr': protocol['learning_rate'], **protocol}
+    """Records written before --finetune_lr existed fine-tuned at the stage-1 learning rate;
+    those without 'path' came from the standalone loop."""
+    return {'finetune_lr': protocol['learning_rate'], 'path': 'standalone', **protocol}
 
 
 def read_results(path: epath.PathLike) -> List[dict]:
@@ -375,12 +487,18 @@ def append_result(path: epath.PathLike, record: Mapping[str, Any]) -> None:
     """Add one line by rewriting the (small) file atomically: works on gs:// too."""
     path = epath.Path(path)
     text = path.read_text() if path.exists() else ''
-    _atomic_save(path, (text + json.dumps(record, sort_keys=True) + '\n').encode())
+    _atomic_write(path, text + json.dumps(record, sort_keys=True) + '\n')
 
 
 def scores_name(seed: int, variant: str) -> str:
     """File of a run's per-image arrays, beside results.jsonl (variant names hold ':' and '+')."""
     return f"scores_seed{seed}_{re.sub(r'[^A-Za-z0-9._-]', '_', variant)}.npz"
+
+
+def _relative(path) -> str:
+    """A workdir for the record: relative to the repository when inside it."""
+    text, root = str(path), str(ROOT)
+    return os.path.relpath(text, root) if text.startswith(root + os.sep) else text
 
 
 def select_lmoe(records: Sequence[dict], seeds: Sequence[int]) -> Optional[dict]:
@@ -427,20 +545,20 @@ def plan(names: Sequence[str], seeds: Sequence[int], ablation_seeds: Sequence[in
     return phase1 + phase2
 
 
-def run(args) -> None:
-    import jax
-    from lmoe_jax import losses
-    # Persistent compilation cache: resumed / split invocations do not recompile every variant.
+def epoch_steps(cfg) -> int:
+    """Train steps per epoch, as ``trainer.make_setup`` counts them (one process)."""
     from lmoe_jax import data
-    jax.config.update('jax_compilation_cache_dir', str(epath.Path(args.workdir) / 'jax_cache'))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-    cfg = demo_config(args.data_dir, id_classes=parse_classes(args.id_classes or ''),
-                      split=args.split, outlier_val_fraction=args.outlier_val_fraction,
-                      data_overrides=args.data)
+    info = data.dataset_info(cfg.data, process_count=1)
+    return max(info.steps_per_epoch(int(cfg.batch_size)), 1)
+
+
+def study_protocol(cfg, args) -> tuple[Dict[str, Any], int]:
+    """The protocol every record carries (a rerun skips the records of the same protocol), and
+    the steps per epoch, counted as ``trainer.make_setup`` counts them."""
+    from lmoe_jax import data
     split = data.class_split(cfg.data.num_classes, cfg.data.num_id_classes, cfg.data.split,
                              cfg.data.id_classes)
-    info = data.dataset_info(cfg.data, process_count=1)
-    steps_per_epoch = info.steps_per_epoch(int(cfg.batch_size))  # as the trainer counts them
+    steps_per_epoch = epoch_steps(cfg)
     baseline_steps = args.baseline_steps or max(
         int(round(float(cfg.baseline_epochs) * steps_per_epoch)), 1)
     finetune_steps = args.finetune_steps or max(int(round(float(cfg.num_epochs) * steps_per_epoch)), 1)
@@ -450,9 +568,28 @@ def run(args) -> None:
                 'finetune_lr': float(args.finetune_lr or cfg.learning_rate),
                 'id_classes': list(split.id_classes),
                 'outlier_val_fraction': float(cfg.data.outlier_val_fraction),
-                'fine_diag_size': args.fine_diag_size, 'selection': 'id_val+outlier_val'}
-    ft_cfg = cfg.copy_and_resolve_references()
-    ft_cfg.learning_rate = protocol['finetune_lr']
+                'fine_diag_size': args.fine_diag_size, 'selection': 'id_val+outlier_val',
+                'path': PATH}
+    return protocol, steps_per_epoch
+
+
+def run(args) -> None:
+    from lmoe_jax import checkpoint, trainer
+    cfg = demo_config(args.data_dir, id_classes=parse_classes(args.id_classes or ''),
+                      split=args.split, outlier_val_fraction=args.outlier_val_fraction,
+                      data_overrides=args.data)
+    trainer.prepare_datasets(cfg.data)
+    protocol, steps_per_epoch = study_protocol(cfg, args)
+    workdir = epath.Path(args.workdir)
+
+    def config_of(seed: int):
+        return seed_config(cfg, seed, baseline_steps=args.baseline_steps,
+                           finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+                           steps_per_epoch=steps_per_epoch, log_every=args.log_every,
+                           eval_batch_size=args.eval_batch_size,
+                           cache_dir=str(checkpoint.as_path(workdir) / 'jax_cache'))
+    # resumed / split invocations do not recompile every variant
+    trainer.enable_compilation_cache(config_of(0), str(workdir))
     names = [n for n in args.variants.split(',') if n] if args.variants else list(MAIN) + list(ABLATION)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -464,12 +601,18 @@ def run(args) -> None:
     results = epath.Path(args.out) / 'results.jsonl'
 
     def pending():
-        records = [r for r in read_results(results) if normalized(r['protocol']) == protocol]
+        everything = read_results(results)
+        records = [r for r in everything if normalized(r['protocol']) == protocol]
         done = {(r['seed'], r['variant']) for r in records}
         todo = [p for p in plan(names, seeds, ablation_seeds) if p not in done]
         chosen = select_lmoe(records, ablation_seeds)
         if chosen and chosen['variant'] != LMOE_REFERENCE:  # the chosen one joins the main table
             todo += [(s, chosen['variant']) for s in seeds if (s, chosen['variant']) not in done]
+        taken = {r['scores_file'] for r in everything if normalized(r['protocol']) != protocol}
+        clash = sorted(taken & {scores_name(s, n) for s, n in todo})
+        if clash:
+            raise SystemExit(f'{results.parent} holds runs of another protocol whose per-image '
+                             f'files this one would overwrite ({clash[0]}, ...): use another --out.')
         return todo, len(done)
 
     todo, n_done = pending()
@@ -477,41 +620,38 @@ def run(args) -> None:
           f'{n_done} already in {results}', flush=True)
     if not todo:
         return
-    image_shape = tuple(info.image_shape)
-    model = build_model(cfg, info.num_id_classes)
     t0 = time.perf_counter()
     arrays = load_eval_arrays(cfg, args.fine_diag_size)
     print('eval sets: ' + ', '.join(f"{k} {len(v['label'])}" for k, v in arrays.items())
           + f' ({time.perf_counter() - t0:.0f}s)', flush=True)
-    per_seed: Dict[int, tuple] = {}
+    stage1_runs: Dict[int, tuple] = {}
     start_all = time.perf_counter()
     finished = 0
     while todo:
         seed, name = todo[0]
-        if seed not in per_seed:
-            restored, batches, base_seconds = prepare_seed(
-                cfg, model, image_shape, seed, protocol, args.workdir, args.log_every)
-            per_seed[seed] = (restored, batches, base_seconds)
-        restored, batches, base_seconds = per_seed[seed]
-        state = fresh_state(ft_cfg, model, image_shape, finetune_steps, None,
-                            params=restored['params'], batch_stats=restored['batch_stats'])
+        config = config_of(seed)
+        seeds_dir = seed_dir(workdir, config)
+        if seed not in stage1_runs:
+            stage1_runs[seed] = train_baseline(config, seeds_dir)
+        stage1, base_dir, base_seconds = stage1_runs[seed]
         t_run = time.perf_counter()
         record = {'seed': seed, 'variant': name, 'protocol': protocol}
-        if name == 'stage1':  # the baseline checkpoint itself, before any fine-tuning
+        if name == 'stage1':  # the stage-1 checkpoint every variant starts from
             # train_seconds: the baseline's training when this process trained it (else None)
+            run_config, run_dir = stage1, base_dir
             record.update(preset=None, overrides={}, train_seconds=base_seconds, train_metrics={})
         else:
             preset, overrides = VARIANTS[name]
-            method = losses.get_method(preset, overrides)
-            ft_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # same for every variant
-            stream = ({k: batches[k][j] for k in ('image', 'label', 'ood_image')}
-                      for j in range(finetune_steps))
-            state, tail, seconds = run_steps(state, stream, ft_rng, method, f'seed {seed} {name}',
-                                             finetune_steps, args.log_every)
-            record.update(preset=preset, overrides=overrides, train_seconds=seconds, train_metrics=tail)
-        metrics, per_image = evaluate_state(state, arrays, args.eval_batch_size)
-        record.update(metrics, scores_file=scores_name(seed, name))
-        _atomic_save(results.parent / record['scores_file'], _npz_bytes(per_image))
+            run_config, run_dir, seconds = train_variant(config, name, seeds_dir, base_dir)
+            means, covered = logged_train_means(run_dir)
+            with checkpoint.reading(checkpoint.as_path(base_dir)) as mngr:
+                init_step = checkpoint.best_step(mngr)
+            record.update(preset=preset, overrides=overrides, train_seconds=seconds,
+                          train_metrics=means, train_metrics_steps=covered,
+                          init_from_step=int(init_step))
+        metrics, per_image = evaluate_variant(run_config, run_dir, arrays)
+        record.update(metrics, scores_file=scores_name(seed, name), workdir=_relative(run_dir))
+        _atomic_write(results.parent / record['scores_file'], _npz_bytes(per_image))
         record['seconds'] = time.perf_counter() - t_run
         record['load_average'] = os.getloadavg()[0]
         append_result(results, record)  # after its scores file: a listed run has its scores
@@ -521,7 +661,7 @@ def run(args) -> None:
         print(f"[{finished}/{finished + len(todo)}] seed {seed} {name}: "
               f"val outlier AUROC {100 * record['val']['msp/outlier_auroc']:.2f}, "
               f"test fine AUROC {100 * record['test']['msp/fine_auroc']:.2f}, "
-              f"test acc {100 * record['test']['id_acc']:.2f} "
+              f"test acc {100 * record['test']['id_acc']:.2f}, step {record['eval_step']} "
               f"({record['seconds']:.0f}s, load {record['load_average']:.2f}; "
               f"{elapsed / 60:.1f} min so far, ~{elapsed / finished * len(todo) / 60:.0f} min left)",
               flush=True)
@@ -608,8 +748,10 @@ def summarize(records: Sequence[dict]) -> str:
     sections = []
     for protocol in protocols:
         subset = [r for r in records if normalized(r['protocol']) == protocol]
+        how = ('trainer.train_stage / evaluate_run' if protocol['path'] == PATH
+               else 'the standalone loop this script had before')
         sections.append(f"## Fine-tune lr {protocol['finetune_lr']:g}, {protocol['baseline_steps']} "
-                        f"baseline + {protocol['finetune_steps']} fine-tune steps\n\n"
+                        f"baseline + {protocol['finetune_steps']} fine-tune steps ({how})\n\n"
                         + summarize_protocol(subset, protocol))
     return '\n\n'.join(sections)
 
@@ -648,8 +790,8 @@ def selection_table(records: Sequence[dict]) -> tuple[str, Optional[dict]]:
 
 def cost_table(records: Sequence[dict]) -> str:
     """Wall time per (seed, variant): training alone, and with evaluation and saving the scores."""
-    lines = ['| variant | runs | train s (mean) | run s (mean) | run s (total) | load (mean) |',
-             '| --- | --- | --- | --- | --- | --- |']
+    lines = ['| variant | runs | train s (mean) | run s (mean) | run s (total) | load (mean) '
+             '| evaluated step (runs) |', '| --- | --- | --- | --- | --- | --- | --- |']
     names: List[str] = []
     for r in records:
         if r['variant'] not in names:
@@ -663,12 +805,16 @@ def cost_table(records: Sequence[dict]) -> str:
                  for r in rs]
         loads = [r['load_average'] for r in rs if 'load_average' in r]
         total += sum(run_s)
+        steps = [r['eval_step'] for r in rs if 'eval_step' in r]
+        evaluated = ', '.join(f'{s} ({steps.count(s)})' for s in sorted(set(steps))) or '-'
         lines.append(f"| {n} | {len(rs)} | {np.mean(train) if train else float('nan'):.0f} | "
                      f"{np.mean(run_s):.0f} | {sum(run_s):.0f} | "
-                     f"{np.mean(loads) if loads else float('nan'):.2f} |")
+                     f"{np.mean(loads) if loads else float('nan'):.2f} | {evaluated} |")
     title = (f'**Cost per (seed, variant)** (wall seconds; "stage1" = the shared baseline, trained '
              f'once per seed, plus its evaluation; run = training + evaluation of all sets + writing '
-             f'the scores). Total: {total / 60:.1f} min over {len(records)} runs.')
+             f'the scores; train s of a run reused from the cache is not counted; evaluated step = '
+             f'the checkpoint evaluated, the best by ID validation accuracy). '
+             f'Total: {total / 60:.1f} min over {len(records)} runs.')
     return '\n'.join([title, ''] + lines)
 
 
@@ -725,7 +871,8 @@ def _terms_computed_with_lam(record: Mapping[str, Any]) -> set:
 
 def diagnostics_table(records, names) -> str:
     """Confidence statistics on the test sets and the training terms at the end of fine-tuning."""
-    lines = ['**Diagnostics (test logits; training terms = mean of the last 50 fine-tune steps)**', '',
+    lines = ['**Diagnostics (test logits; training terms = the trainer\'s logged means over the '
+             'last >= 50 fine-tune steps; the standalone loop\'s: the last 50 steps)**', '',
              '| variant | ID mean MSP | fine-OOD mean MSP | ID top-1 margin | fine-OOD top-1 margin '
              '| train id CE | train logit_mix | train consistency | train input_mix |',
              '|' + ' --- |' * 9]
@@ -778,13 +925,15 @@ def main(argv=None) -> None:
                         help='images of the held-out-class diagnostic (never used to select)')
     parser.add_argument('--finetune_lr', type=float, default=None,
                         help='peak lr of the fine-tune (default: the config learning_rate, 0.05)')
-    parser.add_argument('--eval_batch_size', type=int, default=1000)
-    parser.add_argument('--log_every', type=int, default=40)
+    parser.add_argument('--eval_batch_size', type=int, default=None,
+                        help="default: the config's eval_batch_size (500)")
+    parser.add_argument('--log_every', type=int, default=None,
+                        help="trainer log interval (default: the config's log_every_steps, 100)")
     parser.add_argument('--data_dir', default=str(ROOT / 'runs' / 'tfds'))
     parser.add_argument('--data', action='append', default=[], metavar='KEY=VALUE',
                         help='override config.data.KEY (repeatable), e.g. a folder of test data')
     parser.add_argument('--workdir', default=None,
-                        help='caches: baselines, fine-tune batches, compiled steps '
+                        help='caches: the stage-1 and stage-2 trainer runs, compiled programs '
                              '(default: runs/compare, runs/compare_smoke with --smoke)')
     parser.add_argument('--summarize', action='store_true', help='only write the tables')
     parser.add_argument('--smoke', action='store_true',
@@ -797,12 +946,17 @@ def main(argv=None) -> None:
         args.workdir = args.workdir or str(ROOT / 'runs' / 'compare_smoke')
         args.out = args.out or args.workdir
         (epath.Path(args.out) / 'results.jsonl').unlink(missing_ok=True)  # always run again
+        for cached in epath.Path(args.workdir).glob('seed*_*'):  # retrain too (not jax_cache)
+            cached.rmtree()
     args.workdir = args.workdir or str(ROOT / 'runs' / 'compare')
     if not args.out:
         parser.error('--out is required: the folder for results.jsonl, scores_*.npz and tables.md')
     out = epath.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.summarize:
+        os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax / TFDS INFO chatter
         run(args)
     text = summarize(read_results(out / 'results.jsonl'))
     (out / 'tables.md').write_text(text + '\n')

@@ -35,11 +35,11 @@ def main(argv=None) -> None:
     import jax
     import jax.numpy as jnp
     from benchmarks import compare_methods as cm
-    from lmoe_jax import data, losses, train
+    from lmoe_jax import data, losses, train, trainer
 
     cfg = cm.demo_config(args.data_dir)
+    cfg.num_train_steps = 1000  # the schedule's length (as the state had before)
     info = data.dataset_info(cfg.data, process_count=1)
-    model = cm.build_model(cfg, info.num_id_classes)
     n_batches = args.steps + 5
     per_seed = []
     for s in range(args.seeds):
@@ -49,9 +49,12 @@ def main(argv=None) -> None:
         per_seed.append({k: np.stack([b[k] for b in got]) for k in ('image', 'label', 'ood_image')})
     stacked = {k: np.stack([p[k] for p in per_seed], axis=1) for k in per_seed[0]}  # [T, S, ...]
 
-    def states():
-        return [cm.fresh_state(cfg, model, info.image_shape, 1000, jax.random.PRNGKey(s))
-                for s in range(args.seeds)]
+    def states():  # the trainer's own initial state of each seed (config.seed drives init)
+        out = []
+        for s in range(args.seeds):
+            cfg.seed = s
+            out.append(jax.device_get(trainer.initial_state(trainer.make_setup(cfg))))
+        return out
 
     def timed(step, state, batches, rng):
         for t in range(5):

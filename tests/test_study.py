@@ -1,5 +1,7 @@
 """The method study's decisions: paired intervals, the clean selection of the lmoe candidate,
-the run order, and the FPR@95 decomposition of benchmarks/score_analysis.py."""
+the run order, the pairing of its variants (same stage-1 checkpoint, batches and lam), and the
+FPR@95 decomposition of benchmarks/score_analysis.py."""
+import hashlib
 import math
 
 import numpy as np
@@ -160,6 +162,11 @@ def test_smoke_study_end_to_end_on_fake_data(tmp_path):
     assert [r['variant'] for r in records] == ['stage1', 'baseline', 'mixoe_mixup', 'lmoe']
     for r in records:
         assert r['protocol']['baseline_steps'] == 20 and r['protocol']['finetune_steps'] == 10
+        # the test numbers are main.py's report of the run (trainer.evaluate_run's files)
+        with open(os.path.join(root, r['workdir'], 'ood_report.json')) as f:  # absolute here
+            report = json.load(f)
+        assert r['test']['msp/fine_auroc'] == report['scores']['msp']['fine_mean']['openood_auroc']
+        assert r['test']['id_acc'] == report['id_accuracy']
         with np.load(out / r['scores_file']) as z:
             id_s, ood_s = z['id_test/msp'], z['fine_ood_test/msp']
             labels = np.r_[np.zeros(len(id_s)), np.ones(len(ood_s))]  # OOD positive
@@ -167,3 +174,93 @@ def test_smoke_study_end_to_end_on_fake_data(tmp_path):
                 roc_auc_score(labels, -np.r_[id_s, ood_s]), abs=1e-12)
             assert set(np.unique(z['outlier_val/label'])) == {-1}
     assert '**Main comparison, TEST sets, MSP score**' in (out / 'tables.md').read_text()
+
+
+def _fake_data(tmp_path):
+    import data_fixtures as fx
+    fx.write_fake_fashion(str(tmp_path / 'fashion'), num_train=400, num_test=60)
+    fx.write_fake_animals(str(tmp_path / 'animals'), num=80, duplicates=0)
+    return [f'--data_dir={tmp_path / "tfds"}', f'--data=fashion_mnist_dir={tmp_path / "fashion"}',
+            f'--data=animal_mnist_dir={tmp_path / "animals"}', '--data=coarse_ood=animal_mnist']
+
+
+def _digest(arrays):
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(np.asarray(a)).tobytes())
+    return h.hexdigest()
+
+
+def test_variants_of_one_seed_see_one_baseline_the_same_batches_and_the_same_lam(
+        tmp_path, monkeypatch):
+    """The study's own loop (cm.main, in process) with every runner the trainer builds wrapped:
+    what each step of each stage really received (batch bytes, the state's step, the step key,
+    the start parameters) and what it drew (lam, from the step's metrics)."""
+    import jax
+    from lmoe_jax import checkpoint, parallel, trainer
+    real_make_runner = parallel.make_runner
+    runs = []
+
+    def make_runner(parallelism, method, rng, mesh=None):
+        runner = real_make_runner(parallelism, method, rng, mesh)
+        log = {'method': method.name, 'weights': method.weights, 'steps': [],
+               'key': np.asarray(jax.random.key_data(rng)).tolist()}
+        runs.append(log)
+        step = runner.step
+
+        def recording_step(state, local_batch):
+            entry = {'step': int(jax.device_get(state.step)),
+                     'batch': _digest([local_batch[k] for k in ('image', 'label', 'ood_image')])}
+            if not log['steps']:
+                log['start_params'] = _digest(jax.tree.leaves(jax.device_get(state.params)))
+            state, metrics = step(state, local_batch)  # state donated: read before
+            host = jax.device_get(metrics)
+            entry.update(lam=float(host['lam']), loss=float(host['loss/total']))
+            log['steps'].append(entry)
+            return state, metrics
+        runner.step = recording_step
+        return runner
+
+    monkeypatch.setattr(parallel, 'make_runner', make_runner)
+    monkeypatch.setattr(trainer, 'enable_compilation_cache', lambda *a, **k: None)  # process-wide
+    out = tmp_path / 'out'
+    # seed 0 (ablation seed): stage1, mixoe_mixup, lmoe:kl; seed 1: stage1, mixoe_mixup (the
+    # ablation variant runs on ablation seeds only)
+    cm.main(['--seeds=0,1', '--ablation_seeds=0', '--variants=mixoe_mixup,lmoe:kl',
+             '--baseline_steps=4', '--finetune_steps=3', '--fine_diag_size=50', f'--out={out}',
+             f'--workdir={tmp_path / "work"}', *_fake_data(tmp_path)])
+    trained = [r for r in runs if r['steps']]  # evaluate_run and restores build runners too
+    assert [(r['method'], len(r['steps'])) for r in trained] == [
+        ('baseline', 4), ('mixoe_mixup', 3), ('lmoe', 3), ('baseline', 4), ('mixoe_mixup', 3)]
+    base0, mix0, kl0, base1, mix1 = trained
+    assert kl0['weights'].consistency > 0 and mix0['weights'].consistency == 0  # two methods
+
+    records = {(r['seed'], r['variant']): r for r in cm.read_results(out / 'results.jsonl')}
+    assert set(records) == {(0, 'stage1'), (0, 'mixoe_mixup'), (0, 'lmoe:kl'), (1, 'stage1'),
+                            (1, 'mixoe_mixup')}
+    # one stage-1 run per seed, and every variant of it starts from its evaluated checkpoint
+    for seed, stage1, variants in ((0, base0, (mix0, kl0)), (1, base1, (mix1,))):
+        start = records[(seed, 'stage1')]
+        with checkpoint.reading(checkpoint.as_path(start['workdir'])) as mngr:
+            saved = checkpoint.read_variables(mngr, start['eval_step'])['params']
+        for v in variants:
+            assert v['start_params'] == _digest(jax.tree.leaves(saved))
+            assert v['start_params'] != stage1['start_params']  # it did train
+        for name in {'mixoe_mixup', 'lmoe:kl'} & {n for s, n in records if s == seed}:
+            assert records[(seed, name)]['init_from_step'] == start['eval_step']
+
+    # the pairing: same steps, batches, step key and lam in both variants of seed 0
+    assert [e['step'] for e in mix0['steps']] == [e['step'] for e in kl0['steps']] == [0, 1, 2]
+    assert [e['batch'] for e in mix0['steps']] == [e['batch'] for e in kl0['steps']]
+    assert mix0['key'] == kl0['key']
+    assert [e['lam'] for e in mix0['steps']] == [e['lam'] for e in kl0['steps']]
+    # ... and it is not so by construction: lam is drawn anew every step, the losses differ,
+    # and another seed gets other batches and other lam at every step
+    lams = [e['lam'] for e in mix0['steps']]
+    assert len(set(lams)) == 3 and all(0.0 < x < 1.0 for x in lams)
+    assert [e['loss'] for e in mix0['steps']] != [e['loss'] for e in kl0['steps']]
+    assert all(a['batch'] != b['batch'] and a['lam'] != b['lam']
+               for a, b in zip(mix0['steps'], mix1['steps']))
+    assert mix1['key'] != mix0['key']
+    # the trainer's stage 2 restarts the seed's stream: it replays stage 1's first batches
+    assert [e['batch'] for e in mix0['steps']] == [e['batch'] for e in base0['steps'][:3]]
