@@ -32,9 +32,10 @@ from absl import logging
 from clu import periodic_actions
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
+from lmoe_jax import parallel
 from lmoe_jax.ood import fitting
 from lmoe_jax.ood import metrics as metrics_lib
 from lmoe_jax.ood import report as report_lib
@@ -110,9 +111,10 @@ def make_forward(apply_fn: Callable, *, features: bool, odin: Optional[ScoreConf
 
 
 def _default_sharding(sharding: Optional[NamedSharding]) -> Optional[NamedSharding]:
-    """The batch sharding to use: the given one; with several processes, all devices along 'data'."""
+    """The batch sharding to use: the given one; with several processes, the trainer's (all
+    devices along 'data', each process feeding its own part)."""
     if sharding is None and jax.process_count() > 1:
-        return NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), P('data'))
+        return parallel.data_sharded(parallel.make_mesh())
     return sharding
 
 

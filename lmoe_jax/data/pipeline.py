@@ -33,9 +33,9 @@ from absl import logging
 from lmoe_jax.data import image_lists, preprocess, sources
 from lmoe_jax.data.sources import DataConfigError, _get
 from lmoe_jax.data.splits import ClassSplit, class_split
+from lmoe_jax.ood.sources import EvalSet  # one EvalSet type for the data module and the evaluation
 
 AUTOTUNE = tf.data.AUTOTUNE
-EVAL_KINDS = ('id', 'fine_ood', 'coarse_ood', 'ood')  # 'ood': held-out auxiliary outliers
 
 
 class DatasetInfo(NamedTuple):
@@ -57,16 +57,6 @@ class DatasetInfo(NamedTuple):
                 f'batch_size={batch_size} per process is larger than the smallest process part '
                 f'({min(self.train_sizes)} ID training images); lower config.batch_size.')
         return steps
-
-
-class EvalSet(NamedTuple):
-    """An evaluation set: ``batches()`` returns a fresh iterator of padded, masked numpy batches."""
-
-    name: str
-    kind: str  # one of EVAL_KINDS
-    batches: Callable[[], Iterator[dict]]
-    num_examples: int  # over all processes
-    num_batches: int  # per process (the same on every process)
 
 
 def _process(process_index, process_count) -> tuple[int, int]:

@@ -4,24 +4,27 @@ A *batch source* is a zero-argument callable returning a fresh iterator of numpy
 ``{'image': float32 [B, ...], 'label': int32 [B] (-1: none), 'mask': bool [B]}``; ``mask`` marks the real
 rows of a padded batch. Every evaluation path consumes only that.
 """
-import dataclasses
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 
 import numpy as np
 
 BatchSource = Callable[[], Iterator[Mapping[str, np.ndarray]]]
+#: 'ood': outliers of unknown kind (e.g. held-out auxiliary outliers)
 KINDS = ('id', 'fine_ood', 'coarse_ood', 'ood')
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalSet:
-    """One evaluation set. ``kind``: 'id' | 'fine_ood' | 'coarse_ood' ('ood' when unknown).
+class EvalSet(NamedTuple):
+    """One evaluation set. ``kind``: one of ``KINDS``; ``batches()``: a fresh iterator of padded,
+    masked numpy batches. The data module also fills in the sizes (``num_examples`` over all
+    processes, ``num_batches`` per process, the same on every process).
 
     Any object with ``name``, ``kind`` and ``batches`` attributes works wherever this one does.
     """
     name: str
     kind: str
     batches: BatchSource
+    num_examples: Optional[int] = None
+    num_batches: Optional[int] = None
 
 
 def is_eval_set(obj: Any) -> bool:
