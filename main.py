@@ -13,10 +13,13 @@ import logging as pylogging
 import os
 import sys
 import threading
+import time
 import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+STARTED = time.perf_counter()  # jax, TensorFlow and the data load later: start-up counts from here
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file (optional with --mode=eval).',
                                 lock_config=True)
@@ -117,16 +120,23 @@ def _import_tensorflow_quietly() -> None:
                     print(line, file=sys.stderr)
 
 
+# A full disk surfaces first in the libraries' background threads (CLU's summary writer: "Failed
+# to flush N events ... Could not flush events file"; Orbax's save finalizer), then as the error
+# that ends the run with our one `error:` line: their lines repeat it (shown with --verbose).
+EXPLAINED_BY_OUR_ERROR_LINE = ('no space left on device',)  # matched in lower case
+
+
 class _Readable(pylogging.Filter):
-    """Without --verbose: drop the benign warnings above, and log a library's error (e.g. from
-    Orbax's or CLU's background threads on a full disk) as one line, not a traceback."""
+    """Without --verbose: drop the benign warnings above and the library errors our error line
+    explains, and log any other library error as one line, not a traceback."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
         message = record.getMessage()
-        if any(text in message for text in BENIGN_WARNINGS):
+        error = record.exc_info[1] if record.exc_info else None
+        if any(text in message for text in BENIGN_WARNINGS) or any(
+                text in f'{message} {error}'.lower() for text in EXPLAINED_BY_OUR_ERROR_LINE):
             return False
-        if record.exc_info and record.exc_info[1] is not None:
-            error = record.exc_info[1]
+        if error is not None:
             record.msg, record.args = f'{message} ({type(error).__name__}: {error})', ()
             record.exc_info, record.exc_text = None, None
         return True
@@ -197,7 +207,8 @@ def main(argv):
             if FLAGS.mode != 'eval':
                 raise trainer.ConfigError('--config=configs/X.py is required to train.')
             config = trainer.config_from_dict(checkpoint.saved_config(FLAGS.workdir))
-        summary = trainer.run(config, FLAGS.workdir, FLAGS.mode, eval_step=FLAGS.step)
+        summary = trainer.run(config, FLAGS.workdir, FLAGS.mode, eval_step=FLAGS.step,
+                              started=STARTED)
     except user_errors as e:
         _fail(str(e))
     except Exception as e:  # noqa: BLE001  a full disk or read-only workdir, however wrapped

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
 from lmoe_jax import train
@@ -43,16 +44,27 @@ def _best_metric(metrics: Any) -> float:
     return value if math.isfinite(value) else -math.inf
 
 
-def manager(workdir: str, *, keep: int = 3, async_save: bool = True,
-            read_only: bool = False) -> ocp.CheckpointManager:
-    """The run's CheckpointManager: keep the last ``keep`` plus the best by validation accuracy."""
+def manager(workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False,
+            save_every: Sequence[int] = (), save_at: Sequence[int] = ()) -> ocp.CheckpointManager:
+    """The run's CheckpointManager: keep the last ``keep`` plus the best by validation accuracy.
+
+    ``save_every`` / ``save_at``: the steps its ``should_save`` (and a ``save`` without
+    ``force``) accepts, multiples of any of ``save_every`` and the steps ``save_at``; with
+    neither, every step.
+    """
     policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=max(int(keep), 1)),
         policies.BestN(get_metric_fn=_best_metric, reverse=False, n=1,
                        keep_checkpoints_without_metrics=False),
     ])
+    save_policy = None
+    if save_every or save_at:
+        save_policy = policies.AnySavePolicy(
+            [policies.FixedIntervalPolicy(int(n)) for n in save_every]
+            + [policies.SpecificStepsPolicy(tuple(int(s) for s in save_at))])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, best_fn=_best_metric, best_mode='max',
+        preservation_policy=policy, save_decision_policy=save_policy,
+        best_fn=_best_metric, best_mode='max',
         enable_async_checkpointing=async_save, create=not read_only,
         read_only=read_only, cleanup_tmp_directories=not read_only)
     handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
@@ -127,6 +139,11 @@ def non_finite_leaves(tree) -> list[str]:
     return [k for k, x in floats.items() if not bool(_all_finite({'x': x}))]
 
 
+def read_config(mngr: ocp.CheckpointManager, step: int) -> dict:
+    """The config saved beside checkpoint ``step`` (as the dict ``save`` was given)."""
+    return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+
+
 def saved_config(workdir: str, step: int | None = None) -> dict:
     """The config stored beside a checkpoint of ``workdir`` (latest step by default)."""
     with reading(workdir) as mngr:
@@ -134,7 +151,20 @@ def saved_config(workdir: str, step: int | None = None) -> dict:
         if step is None:
             raise CheckpointError(f'no checkpoint in {checkpoint_dir(workdir)}: is {workdir!r} '
                                   'the workdir of a finished run?')
-        return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+        return read_config(mngr, step)
+
+
+def config_mismatch(saved: dict, expect: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first dotted key of ``expect`` (e.g. 'model.width') whose value differs in the saved
+    config, as ``(key, saved value, expected value)``; None when all agree (a missing key reads
+    as None, a tuple as a list, as JSON stores them)."""
+    flat = traverse_util.flatten_dict(saved, sep='.')
+    for key, value in expect.items():
+        theirs = flat.get(key)
+        theirs = list(theirs) if isinstance(theirs, tuple) else theirs
+        if theirs != value:
+            return key, theirs, value
+    return None
 
 
 def load_variables_from(workdir, state: train.TrainState, *,
@@ -150,13 +180,12 @@ def load_variables_from(workdir, state: train.TrainState, *,
         if step is None:
             raise CheckpointError(f'init_from={str(workdir)!r} has no checkpoint; point it to the '
                                   'workdir of a finished run (e.g. the baseline stage).')
-        other = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-        for key, value in expect.items():
-            theirs = _lookup(other, key)
-            if theirs != value:
-                raise CheckpointError(
-                    f'init_from={str(workdir)!r} holds a checkpoint with {key}={theirs!r}, but this '
-                    f'run has {key}={value!r}; fine-tune from a run of the same model and class split.')
+        mismatch = config_mismatch(read_config(mngr, step), expect)
+        if mismatch:
+            key, theirs, value = mismatch
+            raise CheckpointError(
+                f'init_from={str(workdir)!r} holds a checkpoint with {key}={theirs!r}, but this '
+                f'run has {key}={value!r}; fine-tune from a run of the same model and class split.')
         meta = mngr.item_metadata(step)['state']
         _check_same_tree(meta['params'], state.params, 'params')
         _check_same_tree(meta['batch_stats'], state.batch_stats, 'batch_stats')
@@ -168,15 +197,6 @@ def load_variables_from(workdir, state: train.TrainState, *,
         restored = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target)))['state']
     return state.replace(params=restored['params'], batch_stats=restored['batch_stats']), step
-
-
-def _lookup(config: dict, dotted: str) -> Any:
-    node = config
-    for part in dotted.split('.'):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return list(node) if isinstance(node, tuple) else node
 
 
 def _check_same_tree(saved_meta: Any, current: Any, what: str) -> None:

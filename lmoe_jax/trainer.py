@@ -220,7 +220,7 @@ def collection_to_scalars(collection) -> dict[str, float]:
 EvalMetrics = clu_metrics.Collection.create(accuracy=clu_metrics.Average.from_output('correct'))
 
 
-def make_eval_step(apply_fn, mesh):
+def make_eval_step(apply_fn):
     @jax.jit
     def eval_step(variables, images, labels, mask):
         logits = apply_fn(variables, images, train=False)
@@ -302,9 +302,8 @@ def non_finite_metrics(metrics_host: dict) -> dict:
 
 
 def intact_checkpoint(mngr) -> str:
-    """What is really on disk after the last save finished: the latest step, read back and
-    checked finite; said as a phrase for the stop message."""
-    mngr.wait_until_finished()
+    """What is really on disk (once the saves in flight are finished): the latest step, read
+    back and checked finite; said as a phrase for the stop message."""
     mngr.reload()
     step = mngr.latest_step()
     if step is None:
@@ -313,14 +312,6 @@ def intact_checkpoint(mngr) -> str:
     if bad:
         return f'the latest checkpoint (step {step}) is NOT finite ({len(bad)} arrays)'
     return f'the latest checkpoint, step {step}, was read back from disk and is finite'
-
-
-def _non_finite_stop(step: int, what: dict, mngr) -> NonFiniteLossError:
-    values = ', '.join(f'{k} = {v}' for k, v in what.items())
-    return NonFiniteLossError(
-        f'non-finite values at step {step}: {values}. Training stopped; {intact_checkpoint(mngr)}. '
-        'Lower the learning rate (or set config.grad_clip_norm), check the data (labels in '
-        'range?) or the loss weights, then restart: the run resumes from that checkpoint.')
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,76 +340,142 @@ def check_workdir_writable(workdir) -> epath.Path:
     return path
 
 
-def _check_resume_identity(workdir, config, step: int) -> None:
+def _check_resume_identity(workdir, saved: dict, config) -> None:
     """Resuming needs the same model and data layout; say so before Orbax's shape errors do."""
-    saved = checkpoint.saved_config(workdir, step)
-    for key, value in _identity(config).items():
-        theirs = checkpoint._lookup(saved, key)
-        if theirs != value:
-            raise checkpoint.CheckpointError(
-                f'{workdir} holds a run with {key}={theirs!r}, but this config has {key}={value!r}. '
-                'To train this config, use a new --workdir; to resume that run, use the config it '
-                f'was started with (saved beside its checkpoints; --mode=eval reads it).')
+    mismatch = checkpoint.config_mismatch(saved, _identity(config))
+    if mismatch:
+        key, theirs, value = mismatch
+        raise checkpoint.CheckpointError(
+            f'{workdir} holds a run with {key}={theirs!r}, but this config has {key}={value!r}. '
+            'To train this config, use a new --workdir; to resume that run, use the config it '
+            f'was started with (saved beside its checkpoints; --mode=eval reads it).')
 
 
-class _StepLog:
-    """The per-interval terminal line: stage, step/total, steps/s, ETA, loss, ID accuracy."""
+class _TerminalLine(metric_writers.MetricWriter):
+    """The per-interval terminal line (stage, step/total, steps/s, ETA, loss, ID accuracy), fed
+    by the writes that also go to TensorBoard: CLU's ``ReportProgress`` writes its rate
+    (``steps_per_sec``) at each log step, then the loop writes the train scalars."""
 
-    def __init__(self, stage: str, start: int, total: int):
-        self.stage, self.total = stage, total
-        self.t0, self.s0 = time.perf_counter(), start
-        self.t_last, self.s_last = self.t0, start
+    def __init__(self, stage: str, total: int):
+        self.stage, self.total, self.rate = stage, total, None
 
-    def line(self, step: int, scalars: dict) -> tuple[str, float]:
-        now = time.perf_counter()
-        rate = (step - self.s_last) / max(now - self.t_last, 1e-9)
-        overall = (step - self.s0) / max(now - self.t0, 1e-9)
-        self.t_last, self.s_last = now, step
-        eta = _duration((self.total - step) / max(overall, 1e-9))
+    def write_scalars(self, step, scalars):
+        if 'steps_per_sec' in scalars:
+            self.rate = float(scalars['steps_per_sec'])
+        if 'train/loss/total' not in scalars:
+            return
         width = len(str(self.total))
-        text = (f'[{self.stage}] step {step:>{width}}/{self.total} {100 * step / self.total:5.1f}%  '
-                f'{rate:6.2f} steps/s  ETA {eta:>6}  loss {scalars.get("train/loss/total", math.nan):.4f}'
+        if self.rate:  # none before CLU's first interval is complete (the stage's first step)
+            speed = f'{self.rate:6.2f} steps/s  ETA {_duration((self.total - step) / self.rate):>6}'
+        else:
+            speed = 'first step (compiled)'
+        console(f'[{self.stage}] step {step:>{width}}/{self.total} {100 * step / self.total:5.1f}%  '
+                f'{speed}  loss {scalars["train/loss/total"]:.4f}'
                 f'  acc {100 * scalars.get("train/accuracy", math.nan):5.1f}%')
-        return text, rate
+
+    def write_summaries(self, step, values, metadata=None): pass
+    def write_images(self, step, images): pass
+    def write_videos(self, step, videos): pass
+    def write_audios(self, step, audios, *, sample_rate): pass
+    def write_texts(self, step, texts): pass
+    def write_histograms(self, step, arrays, num_buckets=None): pass
+    def write_hparams(self, hparams): pass
+    def flush(self): pass
+    def close(self): pass
+
+
+@dataclasses.dataclass(frozen=True)
+class _Due:
+    """What follows a step. ``save`` already includes every validation step and the last step
+    (they are in the manager's save policy, ``_save_policy``) and a stop request."""
+    log: bool
+    validate: bool
+    save: bool
+    stop: bool  # stop early on request (SIGTERM), after saving
+
+
+def _save_policy(config, total: int) -> dict:
+    """The steps Orbax's manager saves at (``checkpoint.manager(save_every=, save_at=)``): every
+    ``checkpoint_every_steps`` and ``eval_every_steps`` (a validated step is a candidate for
+    "best", so it must be on disk) and the last step."""
+    return {'save_every': (int(config.checkpoint_every_steps), int(config.eval_every_steps)),
+            'save_at': (total,)}
+
+
+def _due(step: int, total: int, config, mngr, stop: '_StopFlag') -> _Due:
+    """Every periodic decision of the loop, in one place (the same on every process)."""
+    last = step == total
+    stop_now = stop.should_stop(step, int(config.log_every_steps))
+    return _Due(log=last or step % int(config.log_every_steps) == 0,
+                validate=last or step % int(config.eval_every_steps) == 0,
+                save=stop_now or mngr.should_save(step), stop=stop_now and not last)
+
+
+class _NonFinite(Exception):
+    """Raised inside the loop; ``train_stage`` finishes the saves in flight, then turns it into
+    a ``NonFiniteLossError`` that says what is on disk."""
+
+    def __init__(self, step: int, what: dict):
+        super().__init__(step, what)
+        self.step, self.what = step, what
+
+
+def _check_finite(step: int, metrics) -> None:
+    bad = non_finite_metrics(jax.device_get(metrics))
+    if bad:
+        raise _NonFinite(step, bad)
+
+
+def _non_finite_error(stop: _NonFinite, mngr) -> NonFiniteLossError:
+    values = ', '.join(f'{k} = {v}' for k, v in stop.what.items())
+    on_disk = intact_checkpoint(mngr)
+    restart = ('restart: the run resumes from that checkpoint.' if mngr.latest_step() is not None
+               else 'restart: with nothing saved, the stage starts again from its initial weights.')
+    return NonFiniteLossError(
+        f'non-finite values at step {stop.step}: {values}. Training stopped; {on_disk}. Lower the '
+        'learning rate (or set config.grad_clip_norm), check the data (labels in range?) or the '
+        f'loss weights, then {restart}')
 
 
 def train_stage(config, workdir, stop: '_StopFlag | None' = None, *, stage: str | None = None) -> dict:
     """Train one stage into ``workdir``; resume if it has checkpoints. Returns a summary.
 
-    ``stop``: the SIGTERM flag (``run`` installs it before anything else, so a signal during
-    start-up is honoured at the first step). ``stage``: the name shown in terminal lines.
+    Set-up (state, writers, validation sets, hooks), the loop, then the finish (the one place
+    where the saves of a successful stage are awaited and checked on disk); on any error the
+    save in flight is finished or cleaned up first. ``stop``: the SIGTERM flag (``run`` installs
+    it before anything else, so a signal during start-up is honoured at the first step).
+    ``stage``: the name shown in terminal lines.
     """
     workdir = check_workdir_writable(workdir)
     setup = make_setup(config)
     stage = stage or setup.method.name
-    is_main = jax.process_index() == 0
-    mngr = checkpoint.manager(workdir, keep=int(config.keep_checkpoints))
+    mngr = checkpoint.manager(workdir, keep=int(config.keep_checkpoints),
+                              **_save_policy(config, setup.total_steps))
     writer = None
     try:
-        resume_step = mngr.latest_step()
-        if resume_step is not None:
-            _check_resume_identity(workdir, config, resume_step)
-        # ImageNet weights only for a fresh start: a resume or a fine-tune replaces every weight
-        state = initial_state(setup, load_pretrained=resume_step is None and not config.init_from)
-        if resume_step is not None:
-            state = checkpoint.restore(mngr, state)
-            console(f'[{stage}] resumed from {mngr.directory} at step {int(state.step)}')
-        elif config.init_from:
-            state, from_step = checkpoint.load_variables_from(config.init_from, state,
-                                                              expect=_identity(config))
-            console(f'[{stage}] starting from {config.init_from} (its best checkpoint, step '
-                    f'{from_step})')
-        start = int(jax.device_get(state.step))
-        total = setup.total_steps
+        state, fresh = _starting_state(config, setup, mngr, workdir, stage)
+        start, total = int(jax.device_get(state.step)), setup.total_steps
         if start >= total:
             console(f'[{stage}] already trained for {total} steps')
             return {'steps': start, 'workdir': str(workdir), 'preempted': False}
-        writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main,
-                                                      asynchronous=True)
-        summary = _train_loop(config, setup, state, mngr, writer, workdir, stop, stage,
-                              fresh=resume_step is None)
-        mngr.wait_until_finished()  # errors of the last (async) save surface here
-        return summary
+        writer = metric_writers.MultiWriter([
+            metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() != 0,
+                                                 asynchronous=True),
+            _TerminalLine(stage, total)])
+        if fresh:
+            _log_run_description(config, state, writer)
+        outliers = config.batch_size if setup.method.needs_ood or setup.method.needs_mix else 0
+        console(f'[{stage}] {total - start} steps to go ({setup.steps_per_epoch} per epoch), batch '
+                f'{config.batch_size} ID + {outliers} outliers, {jax.device_count()} devices '
+                f'({jax.process_count()} processes), {config.parallelism}')
+        with (contextlib.nullcontext(stop) if stop is not None else _StopFlag()) as stop:
+            final, last_val = _train_loop(config, setup, setup.runner.place(state), mngr, writer,
+                                          stop, stage, start)
+        return _finish(setup.runner.global_state(final), mngr, writer, workdir, stage,
+                       last_val, stopped_early=int(jax.device_get(final.step)) < total)
+    except _NonFinite as e:
+        _finish_saves_quietly(mngr)
+        raise _non_finite_error(e, mngr) from None
     except BaseException:
         _finish_saves_quietly(mngr)
         raise
@@ -426,6 +483,111 @@ def train_stage(config, workdir, stop: '_StopFlag | None' = None, *, stage: str 
         mngr.close()
         if writer is not None:
             writer.close()
+
+
+def _starting_state(config, setup: Setup, mngr, workdir, stage: str) -> tuple[Any, bool]:
+    """The state to train from: the latest checkpoint (resume), else ``init_from``'s best
+    weights (stage 2), else a fresh one. Returns ``(state, fresh)``."""
+    resume_step = mngr.latest_step()
+    if resume_step is not None:
+        _check_resume_identity(workdir, checkpoint.read_config(mngr, resume_step), config)
+    # ImageNet weights only for a fresh start: a resume or a fine-tune replaces every weight
+    state = initial_state(setup, load_pretrained=resume_step is None and not config.init_from)
+    if resume_step is not None:
+        state = checkpoint.restore(mngr, state)
+        console(f'[{stage}] resumed from {mngr.directory} at step {int(state.step)}')
+    elif config.init_from:
+        state, from_step = checkpoint.load_variables_from(config.init_from, state,
+                                                          expect=_identity(config))
+        console(f'[{stage}] starting from {config.init_from} (its best checkpoint, step '
+                f'{from_step})')
+    return state, resume_step is None
+
+
+def _log_run_description(config, state, writer) -> None:
+    """A fresh run's parameter table (absl log) and its config as TensorBoard hparams."""
+    if jax.process_index() != 0:
+        return
+    parameter_overview.log_parameter_overview(state.params)
+    flat = traverse_util.flatten_dict(config_to_dict(config), sep='.')
+    writer.write_hparams({k: (str(v) if isinstance(v, (list, tuple, type(None))) else v)
+                          for k, v in flat.items()})
+
+
+def _train_loop(config, setup: Setup, run_state, mngr, writer, stop, stage: str,
+                start: int) -> tuple[Any, float | None]:
+    """Steps ``start + 1 .. total`` (or up to a stop request); returns the runner's state after
+    the last step run and the last validation accuracy. Every save it starts is awaited by the
+    caller."""
+    runner, total = setup.runner, setup.total_steps
+    config_dict = config_to_dict(config)
+    val_sets = _validation_sets(config)
+    eval_step = make_eval_step(setup.model.apply)
+    hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                             every_steps=int(config.log_every_steps),
+                                             every_secs=None)]
+    if config.get('profile') and jax.process_index() == 0:
+        hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(mngr.directory.parent)))
+    collection_cls = collection = pending = last_val = None
+    stream = _batches(config, start)
+    for step in range(start + 1, total + 1):
+        run_state, metrics = runner.step(run_state, next(stream))
+        if pending is not None:  # the step before, checked now: no stall on the step in flight
+            _check_finite(*pending)
+        pending = (step, metrics)
+        collection_cls = collection_cls or make_train_collection(metrics)
+        update = collection_cls.single_from_model_output(
+            **{_metric_field(k): v for k, v in metrics.items()})
+        collection = update if collection is None else collection.merge(update)
+        for hook in hooks:
+            hook(step)
+        due = _due(step, total, config, mngr, stop)
+        if due.log:
+            writer.write_scalars(step, collection_to_scalars(collection))
+            collection = None
+        if due.save:
+            _check_finite(step, metrics)
+            state = runner.global_state(run_state)
+            if due.validate:
+                last_val = val_accuracy(eval_step, state, val_sets, setup.mesh)
+                if last_val is not None:
+                    writer.write_scalars(step, {'val/id_accuracy': last_val})
+            _save(mngr, state, config_dict, step, last_val if due.validate else None,
+                  force=due.stop, stage=stage)
+        if due.stop:
+            break
+    return run_state, last_val
+
+
+def _save(mngr, state, config_dict: dict, step: int, val: float | None, *, force: bool,
+          stage: str) -> None:
+    """Start the (asynchronous) save of a global state; non-finite parameters are never saved."""
+    bad = checkpoint.non_finite_leaves(state.variables)
+    if bad:
+        raise _NonFinite(step, {f'params {bad[0]}': math.nan})
+    if checkpoint.save(mngr, state, config_dict, val_accuracy=val, force=force):
+        extra = f', ID validation accuracy {100 * val:.2f}%' if val is not None else ''
+        console(f'[{stage}] step {step}: checkpoint save started{extra}')
+
+
+def _finish(state, mngr, writer, workdir, stage: str, last_val, *, stopped_early: bool) -> dict:
+    """Wait for the last save, check that the final step is on disk, say so."""
+    mngr.wait_until_finished()  # errors of the last (async) save surface here
+    writer.flush()
+    final_step = int(jax.device_get(state.step))
+    mngr.reload()
+    on_disk = mngr.latest_step()
+    if on_disk != final_step:
+        raise checkpoint.CheckpointError(f'the checkpoint of step {final_step} is not on disk in '
+                                         f'{mngr.directory} (latest there: {on_disk}).')
+    if stopped_early:
+        console(f'[{stage}] stopped at step {final_step} on request; checkpoint step {on_disk} is '
+                'on disk. Restart the same command to resume.')
+    else:
+        console(f'[{stage}] done: {final_step} steps; checkpoints on disk: '
+                f'{", ".join(map(str, mngr.all_steps()))} (best: step {checkpoint.best_step(mngr)})')
+    return {'steps': final_step, 'workdir': str(workdir), 'preempted': stopped_early,
+            'val_accuracy': last_val}
 
 
 def _finish_saves_quietly(mngr) -> None:
@@ -443,109 +605,10 @@ def _finish_saves_quietly(mngr) -> None:
             pass
 
 
-def _train_loop(config, setup: Setup, state, mngr, writer, workdir, stop, stage: str, *,
-                fresh: bool) -> dict:
-    mesh, method, total = setup.mesh, setup.method, setup.total_steps
-    start = int(jax.device_get(state.step))
-    is_main = jax.process_index() == 0
-    config_dict = config_to_dict(config)
-    if is_main and fresh:
-        parameter_overview.log_parameter_overview(state.params)
-        writer.write_hparams({k: (str(v) if isinstance(v, (list, tuple, type(None))) else v)
-                              for k, v in traverse_util.flatten_dict(config_dict, sep='.').items()})
-    outliers = config.batch_size if method.needs_ood or method.needs_mix else 0
-    console(f'[{stage}] {total - start} steps to go ({setup.steps_per_epoch} per epoch), batch '
-            f'{config.batch_size} ID + {outliers} outliers, {jax.device_count()} devices '
-            f'({jax.process_count()} processes), {config.parallelism}')
-
-    val_sets = _validation_sets(config)
-    eval_step = make_eval_step(setup.model.apply, mesh)
-    runner = setup.runner
-    run_state = runner.place(state)
-
-    def global_state():
-        return runner.global_state(run_state)
-
-    def save(step: int, val: float | None, force: bool) -> None:
-        saved = global_state()
-        bad = checkpoint.non_finite_leaves(saved.variables)
-        if bad:
-            raise _non_finite_stop(step, {f'params {bad[0]}': math.nan}, mngr)
-        if checkpoint.save(mngr, saved, config_dict, val_accuracy=val, force=force):
-            extra = f', ID validation accuracy {100 * val:.2f}%' if val is not None else ''
-            console(f'[{stage}] step {step}: checkpoint save started{extra}')
-
-    hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                             every_steps=int(config.log_every_steps))]
-    if config.get('profile') and is_main:
-        hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
-    step_log = _StepLog(stage, start, total)
-    collection, collection_cls = None, None
-    stream = _batches(config, start)
-    pending = None  # (step, metrics) of the step before: checked one step late, no stall
-    last_val = None
-    stopped_early = False
-    stop_ctx = contextlib.nullcontext(stop) if stop is not None else _StopFlag()
-    with stop_ctx as stop:
-        for step in range(start + 1, total + 1):
-            local = next(stream)
-            run_state, metrics = runner.step(run_state, local)
-            if pending is not None:
-                bad = non_finite_metrics(jax.device_get(pending[1]))
-                if bad:
-                    raise _non_finite_stop(pending[0], bad, mngr)
-            pending = (step, metrics)
-            collection_cls = collection_cls or make_train_collection(metrics)
-            update = collection_cls.single_from_model_output(
-                **{_metric_field(k): v for k, v in metrics.items()})
-            collection = update if collection is None else collection.merge(update)
-            for hook in hooks:
-                hook(step)
-            if step % int(config.log_every_steps) == 0 or step == total:
-                scalars = collection_to_scalars(collection)
-                text, _ = step_log.line(step, scalars)
-                console(text)
-                writer.write_scalars(step, scalars)
-                collection = None
-            is_last = step == total
-            want_eval = step % int(config.eval_every_steps) == 0 or is_last
-            want_save = step % int(config.checkpoint_every_steps) == 0 or is_last or want_eval
-            preempted = stop.should_stop(step, int(config.log_every_steps))
-            if want_save or preempted:
-                bad = non_finite_metrics(jax.device_get(metrics))
-                if bad:
-                    raise _non_finite_stop(step, bad, mngr)
-                if want_eval:
-                    last_val = val_accuracy(eval_step, global_state, val_sets, mesh)
-                    if last_val is not None:
-                        writer.write_scalars(step, {'val/id_accuracy': last_val})
-                save(step, last_val if want_eval else None, force=is_last or preempted)
-            if preempted and not is_last:
-                stopped_early = True
-                break
-    mngr.wait_until_finished()
-    writer.flush()
-    final_step = int(jax.device_get(global_state().step))
-    mngr.reload()
-    on_disk = mngr.latest_step()
-    if on_disk != final_step:
-        raise checkpoint.CheckpointError(f'the checkpoint of step {final_step} is not on disk in '
-                                         f'{mngr.directory} (latest there: {on_disk}).')
-    if stopped_early:
-        console(f'[{stage}] stopped at step {final_step} on request; checkpoint step {on_disk} is '
-                'on disk. Restart the same command to resume.')
-    else:
-        best = checkpoint.best_step(mngr)
-        console(f'[{stage}] done: {final_step} steps; checkpoints on disk: '
-                f'{", ".join(map(str, mngr.all_steps()))} (best: step {best})')
-    return {'steps': final_step, 'workdir': str(workdir), 'preempted': stopped_early,
-            'val_accuracy': last_val}
-
-
-def val_accuracy(eval_step, global_state, val_sets: dict, mesh) -> float | None:
+def val_accuracy(eval_step, state, val_sets: dict, mesh) -> float | None:
     if 'id_val' not in val_sets:
         return None
-    return validation_accuracy(eval_step, global_state().variables, val_sets['id_val'], mesh)
+    return validation_accuracy(eval_step, state.variables, val_sets['id_val'], mesh)
 
 
 def _validation_sets(config) -> dict:
@@ -553,11 +616,11 @@ def _validation_sets(config) -> dict:
     if not any(float(config.data.get(k, 0.0) or 0.0) for k in ('val_fraction',
                                                                   'outlier_val_fraction')):
         return {}
-    sets = data.validation_datasets(config.data, batch_size=_eval_batch(config))
+    sets = data.validation_datasets(config.data, batch_size=eval_batch_size(config))
     return {s.name: s for s in sets}
 
 
-def _eval_batch(config) -> int:
+def eval_batch_size(config) -> int:
     """Per-process eval batch, rounded up to a multiple of the local device count."""
     per_process = max(int(config.eval_batch_size) // jax.process_count(), 1)
     n = jax.local_device_count()
@@ -584,12 +647,10 @@ def baseline_stage_config(config) -> ml_collections.ConfigDict:
     return stage
 
 
-def evaluate_run(config, workdir, *, step: int | None = None,
-                 stop: '_StopFlag | None' = None) -> dict:
-    """Evaluate the best (or ``step``) checkpoint of a run; process 0 writes the report into
-    the workdir, every process returns the metrics. SIGTERM interrupts it (nothing written)."""
-    from lmoe_jax import data, evaluate
-    from lmoe_jax.ood import report, scores as ood_scores
+def restore_for_evaluation(config, workdir, step: int | None = None) -> tuple[Setup, Any, int]:
+    """The best (or ``step``) checkpoint of a run, checked to belong to ``config`` and to be
+    finite: ``(setup, state, step)``. What ``evaluate_run`` scores; public for studies that
+    score more sets with the same weights."""
     workdir = checkpoint.as_path(workdir)
     setup = make_setup(config)
     state = initial_state(setup, load_pretrained=False)  # the checkpoint replaces every weight
@@ -601,7 +662,7 @@ def evaluate_run(config, workdir, *, step: int | None = None,
         if step not in mngr.all_steps():
             raise checkpoint.CheckpointError(f'no checkpoint at step {step}; available: '
                                              f'{list(mngr.all_steps())}')
-        _check_resume_identity(workdir, config, step)
+        _check_resume_identity(workdir, checkpoint.read_config(mngr, step), config)
         state = checkpoint.restore(mngr, state, step)
         others = [s for s in mngr.all_steps() if s != step]
     bad = checkpoint.non_finite_leaves(state.variables)
@@ -610,8 +671,19 @@ def evaluate_run(config, workdir, *, step: int | None = None,
             f'checkpoint step {step} of {workdir} holds non-finite values ({len(bad)} arrays, e.g. '
             f'{bad[0]}): its report would be meaningless. Evaluate another step (--step=N; saved: '
             f'{others}) or retrain from an earlier one.')
+    return setup, state, step
+
+
+def evaluate_run(config, workdir, *, step: int | None = None,
+                 stop: '_StopFlag | None' = None) -> dict:
+    """Evaluate the best (or ``step``) checkpoint of a run; process 0 writes the report into
+    the workdir, every process returns the metrics. SIGTERM interrupts it (nothing written)."""
+    from lmoe_jax import data, evaluate
+    from lmoe_jax.ood import report, scores as ood_scores
+    workdir = checkpoint.as_path(workdir)
+    setup, state, step = restore_for_evaluation(config, workdir, step)
     console(f'[eval] {workdir} at step {step}')
-    batch = _eval_batch(config)
+    batch = eval_batch_size(config)
     eval_sets = [_announced(s) for s in data.eval_datasets(config.data, batch_size=batch)]
     fit_sets = {'train': data.id_train_eval_dataset(config.data, batch_size=batch)}
     val = [s for s in _validation_sets(config).values() if s.name == 'id_val']
@@ -658,26 +730,52 @@ def prepare_datasets(data_config) -> None:
         multihost_utils.sync_global_devices('lmoe_jax: datasets prepared')
 
 
-def run(config, workdir, mode: str = 'train_and_eval', *, eval_step: int | None = None):
-    """The whole program: optional baseline stage, the method's stage, then the evaluation."""
+def run(config, workdir, mode: str = 'train_and_eval', *, eval_step: int | None = None,
+        started: float | None = None):
+    """The whole program: optional baseline stage, the method's stage, then the evaluation.
+
+    Ends with the wall time of each phase (start-up, each stage, evaluation); ``started``: the
+    ``time.perf_counter()`` of the program's start (``main.py`` passes it: imports count as
+    start-up), else the start-up is counted from this call.
+    """
+    phases = _Phases(started)
     validate_config(config, mode=mode)
     prepare_datasets(config.data)
     enable_compilation_cache(config, workdir)
-    t0 = time.time()
     with _StopFlag() as stop:
-        summary = _run_stages(config, checkpoint.as_path(workdir), mode, stop, eval_step)
-    console(f'done in {_duration(time.time() - t0)}')
+        summary = _run_stages(config, checkpoint.as_path(workdir), mode, stop, eval_step, phases)
+    console(phases.line())
     return summary
 
 
+class _Phases:
+    """Wall time per phase, for the run's last line: ``done in 7m02s (start-up 21s, ...)``."""
+
+    def __init__(self, started: float | None = None):
+        self.t0 = time.perf_counter() if started is None else started
+        self.mark, self.times = self.t0, []
+        self.current = 'start-up'
+
+    def next(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times.append((self.current, now - self.mark))
+        self.current, self.mark = name, now
+
+    def line(self) -> str:
+        self.next('')
+        parts = ', '.join(f'{name} {_duration(t)}' for name, t in self.times)
+        return f'done in {_duration(time.perf_counter() - self.t0)} ({parts})'
+
+
 def _run_stages(config, workdir: epath.Path, mode: str, stop: _StopFlag,
-                eval_step: int | None) -> dict:
+                eval_step: int | None, phases: _Phases) -> dict:
     summary = {}
     if mode in ('train', 'train_and_eval'):
         if float(config.get('baseline_epochs', 0) or 0) > 0 and not config.init_from:
             base_dir = workdir / 'baseline'
             console(f'stage 1: baseline (cross-entropy only) for {config.baseline_epochs} epochs '
                     f'in {base_dir}')
+            phases.next('stage 1')
             summary['baseline'] = train_stage(baseline_stage_config(config), base_dir, stop,
                                               stage='baseline')
             if summary['baseline'].get('preempted'):
@@ -686,10 +784,14 @@ def _run_stages(config, workdir: epath.Path, mode: str, stop: _StopFlag,
             with config.unlocked():
                 config.init_from = str(base_dir)
             console(f'stage 2: {config.method} fine-tuned from the best baseline checkpoint')
+            phases.next('stage 2')
+        else:
+            phases.next('training')
         summary['train'] = train_stage(config, workdir, stop)
         if summary['train'].get('preempted'):
             return summary
     if mode in ('eval', 'train_and_eval'):
+        phases.next('evaluation')
         try:
             summary['eval'] = evaluate_run(config, workdir, step=eval_step, stop=stop)
         except EvaluationInterrupted:

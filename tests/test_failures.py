@@ -60,9 +60,25 @@ def test_non_finite_fresh_run_ends_with_a_restorable_finite_checkpoint(data_dirs
     if steps:  # what the message promises must be true on disk
         step, params = final_params(str(workdir))
         assert f'the latest checkpoint, step {step}, was read back from disk and is finite' in line
+        assert 'the run resumes from that checkpoint' in line
         assert _all_finite(params)
     else:
         assert 'no checkpoint was saved yet' in line
+
+
+def test_non_finite_stop_before_the_first_save_says_what_a_restart_does(data_dirs, tmp_path):
+    """No save is due before step 12: the stop cannot promise a resume from a checkpoint."""
+    workdir = tmp_path / 'no_save'
+    out = _run_main(data_dirs, workdir, '--config.learning_rate=1e6',
+                    '--config.checkpoint_every_steps=1000', '--config.eval_every_steps=1000')
+    line = _one_error_line(out)
+    assert 'non-finite values at step' in line
+    assert 'no checkpoint was saved yet' in line
+    assert 'resumes from that checkpoint' not in line
+    assert 'the stage starts again from its initial weights' in line
+    mngr = checkpoint.manager(workdir, read_only=True)
+    assert list(mngr.all_steps()) == []
+    mngr.close()
 
 
 def test_non_finite_resumed_run_never_saves_nan_params(data_dirs, tmp_path):
@@ -208,6 +224,9 @@ def test_full_disk_ends_with_one_line_and_no_half_written_checkpoint(data_dirs, 
                         '--config.checkpoint_every_steps=2', '--config.keep_checkpoints=100')
         line = _one_error_line(out)
         assert 'no space left on the device' in line
+        # TensorFlow's summary writer ('Failed to flush N events ... Could not flush events
+        # file') says the same in C++ log lines before ours: only with --verbose
+        assert 'flush' not in out.stderr.lower(), out.stderr[-3000:]
         _no_leftovers(workdir)
         mngr = checkpoint.manager(workdir, read_only=True)
         for step in mngr.all_steps():
