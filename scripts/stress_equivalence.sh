@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every equivalence test (tests/test_equivalence.py, tests/test_mixing.py's layout test) under
+# Run every equivalence test (tests/test_equivalence.py, test_mixing.py's and test_train_step.py's layout tests) under
 # other summation orders: narrower ISAs, other device counts, one and two CPU threads.
 # One line per configuration (pass/fail, seconds); exit status 1 if any fails.
 #   bash scripts/stress_equivalence.sh [OUT.txt]   (OUT: the same lines plus machine facts)
@@ -11,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/dev/null}
 PY=.venv/bin/python
-TESTS="tests/test_equivalence.py tests/test_mixing.py::test_mix_batch_is_the_same_per_example_on_one_device_under_pmap_and_on_a_mesh"
+TESTS="tests/test_equivalence.py tests/test_mixing.py::test_mix_batch_is_the_same_per_example_on_one_device_under_pmap_and_on_a_mesh tests/test_train_step.py::test_single_device_jit_mesh_and_pmap_agree"
 # name | XLA_FLAGS | LMOE_TEST_DEVICES | CPUs for taskset
 CONFIGS=(
   "default||8|0-$(($(nproc) - 1))"
