@@ -9,7 +9,7 @@ _LAZY = {
     'validation_datasets': 'pipeline', 'id_train_eval_dataset': 'pipeline',
     'fine_ood_diagnostic_dataset': 'pipeline',
     'DatasetInfo': 'pipeline', 'EvalSet': 'pipeline', 'TrainStream': 'pipeline',
-    'transform_from_config': 'pipeline',
+    'transform_from_config': 'preprocess',
     'DatasetNotReadyError': 'sources', 'DataConfigError': 'sources', 'open_builder': 'sources',
     'DataFileError': 'files',
 }

@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from lmoe_jax.data import image_lists, preprocess, sources
+from lmoe_jax.data.preprocess import transform_from_config
 from lmoe_jax.data.sources import DataConfigError, _get
 from lmoe_jax.data.splits import ClassSplit, class_split
 from lmoe_jax.ood.sources import EvalSet  # one EvalSet type for the data module and the evaluation
@@ -83,18 +84,6 @@ def _seed(*parts: Any) -> int:
 
 def _parts(split, count: int) -> list:
     return tfds.even_splits(split, n=count) if count > 1 else [split]
-
-
-def transform_from_config(cfg) -> preprocess.Transform:
-    return preprocess.Transform(
-        image_size=int(_get(cfg, 'image_size', 448)),
-        resize_size=_get(cfg, 'resize_size', None) or None,
-        channels=1 if _get(cfg, 'grayscale', False) else 3,
-        normalize=_get(cfg, 'normalize', 'imagenet'),
-        color_jitter=bool(_get(cfg, 'color_jitter', True)),
-        random_flip=bool(_get(cfg, 'random_flip', True)),
-        crop_padding=int(_get(cfg, 'crop_padding', 0) or 0),
-    )
 
 
 @dataclasses.dataclass(frozen=True)

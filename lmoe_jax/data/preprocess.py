@@ -10,9 +10,12 @@ flipped and, when ``crop_padding > 0``, padded and randomly cropped back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import tensorflow as tf
+
+from lmoe_jax.data.sources import _get
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,6 +50,20 @@ class Transform:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (int(self.image_size), int(self.image_size), int(self.channels))
+
+
+def transform_from_config(cfg) -> Transform:
+    """The Transform of a ``config.data`` (a ConfigDict, mapping or object with these fields)."""
+    get = functools.partial(_get, cfg)
+    return Transform(
+        image_size=int(get('image_size', 448)),
+        resize_size=get('resize_size', None) or None,
+        channels=1 if get('grayscale', False) else 3,
+        normalize=get('normalize', 'imagenet'),
+        color_jitter=bool(get('color_jitter', True)),
+        random_flip=bool(get('random_flip', True)),
+        crop_padding=int(get('crop_padding', 0) or 0),
+    )
 
 
 def decode(encoded: tf.Tensor, channels: int) -> tf.Tensor:

@@ -163,6 +163,6 @@ def normalization_std(normalize: str, channels: int) -> Tuple[float, ...]:
 
 def normalization_std_from_config(data_config) -> Tuple[float, ...]:
     """:func:`normalization_std` of a run's ``config.data`` (its ``normalize`` and ``grayscale``)."""
-    from lmoe_jax.data import pipeline
-    transform = pipeline.transform_from_config(data_config)
+    from lmoe_jax.data import preprocess  # imports TensorFlow: only when asked
+    transform = preprocess.transform_from_config(data_config)
     return normalization_std(transform.normalize, transform.channels)
