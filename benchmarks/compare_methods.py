@@ -71,13 +71,16 @@ files of another protocol's records):
     flock /work/coord/heavy.lock .venv/bin/python benchmarks/compare_methods.py \
         --out=benchmarks/results/study_split0 --id_classes=0,1,2,3,8,9
 
-Time, estimated from ``--smoke`` (1 seed, 20 + 10 steps, load 2.2-2.5 on 2 cores): each run
-has a fixed cost of ~20 s (stage1: evaluation) to ~38 s (a variant: set-up, stream start,
-validation, checkpoints, evaluate_run, the second pass), against ~3 s in the standalone loop;
-the plan is 5 stage-1 runs + 53 variant runs, so ~35 min of fixed cost on top of the training
-steps, which took 89 min in the standalone loop: ~2 h if the trainer's steady step time equals
-the old loop's, up to ~3 h at the smoke's step rates (16 / 7.7 / 4.8 steps/s for baseline /
-mixoe_mixup / lmoe over 5-step windows, against 26 / 14 / 8 in the old loop's cost table).
+Time, estimated from ``--smoke`` (1 seed, 20 + 10 steps: 3.9 min locked incl. ~50 s of dataset
+preparation and eval-set loading, load 2.2-2.5 on 2 cores) and a 300-step check of the same
+command (``--seeds=0 --variants=baseline,lmoe --baseline_steps=300 --finetune_steps=300``:
+4.3 min, load 2.4-2.7): each run has a fixed cost of ~16-20 s (stage1: its evaluation) to
+~36-38 s (a variant: set-up, stream start, validation, checkpoints, evaluate_run, the second
+pass), against ~3 s in the standalone loop, and the trainer's steady step rate is 14 steps/s
+(baseline) and 4.6 (lmoe) against 26 and 7.9 in the old loop's cost table (load 1.8-2.3). The
+plan is 5 stage-1 + 53 variant runs: ~89 min of old-loop training x ~1.75 + ~35 min of fixed
+cost = about 3 h (the standalone loop: 92 min). Split it by --seeds / --variants if needed: a
+rerun resumes.
 """
 from __future__ import annotations
 
