@@ -120,5 +120,8 @@ def test_demo_terminal_is_short_and_readable(demo_run):
     assert re.search(r'\[lmoe\] done: 4 steps; checkpoints on disk: [\d, ]*4 \(best: step \d+\)', out.stdout)
     for name in ('id_test', 'fine_ood_test', 'digits28'):
         assert re.search(rf'\[eval\] {name}: \d+ images', out.stdout), out.stdout
+    # the last line: where the minutes went
+    assert re.search(r'^done in \S+ \(start-up \S+, stage 1 \S+, stage 2 \S+, evaluation \S+\)$',
+                     out.stdout.splitlines()[-1]), out.stdout[-500:]
     for chatter in ('Save Finalize', 'Setting work unit notes', 'Traceback', 'W1', 'I1'):
         assert chatter not in out.stdout + out.stderr
