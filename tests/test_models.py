@@ -292,6 +292,21 @@ def test_model_names_are_the_documented_ones():
     assert MODEL_NAMES == ('resnet18', 'resnet34', 'resnet50', 'small_cnn')
 
 
+def _assert_same_outputs_and_gradients(plain, fast, variables, x):
+    """Logits, features and the parameter gradients of a loss on both agree (float32 order)."""
+    def loss(params, model):
+        logits, feats = model.apply({**variables, 'params': params}, x, train=False,
+                                    return_features=True)
+        return jnp.sum(logits ** 2) + jnp.sum(feats), (logits, feats)
+
+    (_, (z1, f1)), g1 = jax.value_and_grad(loss, has_aux=True)(variables['params'], plain)
+    (_, (z2, f2)), g2 = jax.value_and_grad(loss, has_aux=True)(variables['params'], fast)
+    np.testing.assert_allclose(z2, z1, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(f2, f1, rtol=1e-4, atol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g2), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
 def test_matmul_convs_compute_the_same_model():
     """model.matmul_convs (tiny-map 3x3 and 1x1 convolutions as matrix products) changes speed
     only: same parameter tree, same logits, features and gradients as lax convolutions.
@@ -303,17 +318,7 @@ def test_matmul_convs_compute_the_same_model():
     assert jax.tree.structure(jax.eval_shape(lambda: fast.init(jax.random.key(0), x))) == \
         jax.tree.structure(variables)
 
-    def loss(params, model):
-        logits, feats = model.apply({**variables, 'params': params}, x, train=False,
-                                    return_features=True)
-        return jnp.sum(logits ** 2) + jnp.sum(feats), (logits, feats)
-
-    (l1, (z1, f1)), g1 = jax.value_and_grad(loss, has_aux=True)(variables['params'], plain)
-    (l2, (z2, f2)), g2 = jax.value_and_grad(loss, has_aux=True)(variables['params'], fast)
-    np.testing.assert_allclose(z2, z1, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(f2, f1, rtol=1e-4, atol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g2), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    _assert_same_outputs_and_gradients(plain, fast, variables, x)
 
 
 def test_matmul_convs_auto_means_the_cpu_backend(monkeypatch):
@@ -397,14 +402,4 @@ def test_matmul_convs_batch_chunks_compute_the_same_small_cnn():
     assert cpu_convs.matmul_conv_batch_chunks == 3
     assert text.count('stablehlo.convolution') == 3 + 4 * 3
 
-    def loss(params, model):
-        logits, feats = model.apply({**variables, 'params': params}, x, train=False,
-                                    return_features=True)
-        return jnp.sum(logits ** 2) + jnp.sum(feats), (logits, feats)
-
-    (_, (z1, f1)), g1 = jax.value_and_grad(loss, has_aux=True)(variables['params'], plain)
-    (_, (z2, f2)), g2 = jax.value_and_grad(loss, has_aux=True)(variables['params'], fast)
-    np.testing.assert_allclose(z2, z1, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(f2, f1, rtol=1e-4, atol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g2), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    _assert_same_outputs_and_gradients(plain, fast, variables, x)
