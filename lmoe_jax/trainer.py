@@ -19,7 +19,7 @@ import math
 import signal
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -213,6 +213,24 @@ def make_train_collection(names):
         **{_metric_field(n): clu_metrics.Average.from_output(_metric_field(n)) for n in names})
 
 
+def make_metric_accumulator(names) -> Callable:
+    """``accumulate(collection_or_None, step_metrics) -> collection``, one jitted call a step.
+
+    CLU's ``single_from_model_output`` + ``merge`` run eagerly dispatch a few tiny ops per
+    metric: 10 ms a step for LMoE's nine metrics on 2 CPU cores, a quarter of a demo step.
+    """
+    collection_cls = make_train_collection(names)
+
+    def single(metrics):
+        return collection_cls.single_from_model_output(
+            **{_metric_field(k): v for k, v in metrics.items()})
+
+    first = jax.jit(single)
+    merge = jax.jit(lambda collection, metrics: collection.merge(single(metrics)))
+    return lambda collection, metrics: (first(metrics) if collection is None
+                                        else merge(collection, metrics))
+
+
 def collection_to_scalars(collection) -> dict[str, float]:
     return {f'train/{k.replace("__", "/")}': float(v) for k, v in collection.compute().items()}
 
@@ -318,11 +336,16 @@ def intact_checkpoint(mngr) -> str:
 # Training
 # --------------------------------------------------------------------------------------------------
 
-def _batches(config, start_step: int) -> Iterator[dict]:
+def uses_outliers(method: losses.Method) -> bool:
+    return bool(method.needs_ood or method.needs_mix)
+
+
+def _batches(config, method: losses.Method, start_step: int) -> Iterator[dict]:
+    """This process's train batches; a method that uses no outlier gets none (stage 1)."""
     from lmoe_jax import data
     per_process = int(config.batch_size) // jax.process_count()
     return iter(data.train_stream(config.data, batch_size=per_process, seed=int(config.seed),
-                                  start_step=start_step))
+                                  start_step=start_step, outliers=uses_outliers(method)))
 
 
 def check_workdir_writable(workdir) -> epath.Path:
@@ -464,7 +487,7 @@ def train_stage(config, workdir, stop: '_StopFlag | None' = None, *, stage: str 
             _TerminalLine(stage, total)])
         if fresh:
             _log_run_description(config, state, writer)
-        outliers = config.batch_size if setup.method.needs_ood or setup.method.needs_mix else 0
+        outliers = config.batch_size if uses_outliers(setup.method) else 0
         console(f'[{stage}] {total - start} steps to go ({setup.steps_per_epoch} per epoch), batch '
                 f'{config.batch_size} ID + {outliers} outliers, {jax.device_count()} devices '
                 f'({jax.process_count()} processes), {config.parallelism}')
@@ -528,17 +551,15 @@ def _train_loop(config, setup: Setup, run_state, mngr, writer, stop, stage: str,
                                              every_secs=None)]
     if config.get('profile') and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(mngr.directory.parent)))
-    collection_cls = collection = pending = last_val = None
-    stream = _batches(config, start)
+    accumulate = collection = pending = last_val = None
+    stream = _batches(config, setup.method, start)
     for step in range(start + 1, total + 1):
         run_state, metrics = runner.step(run_state, next(stream))
         if pending is not None:  # the step before, checked now: no stall on the step in flight
             _check_finite(*pending)
         pending = (step, metrics)
-        collection_cls = collection_cls or make_train_collection(metrics)
-        update = collection_cls.single_from_model_output(
-            **{_metric_field(k): v for k, v in metrics.items()})
-        collection = update if collection is None else collection.merge(update)
+        accumulate = accumulate or make_metric_accumulator(metrics)
+        collection = accumulate(collection, metrics)
         for hook in hooks:
             hook(step)
         due = _due(step, total, config, mngr, stop)

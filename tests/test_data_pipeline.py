@@ -83,6 +83,21 @@ def test_resume_from_step_gives_identical_batches(demo_cfg, start):
             np.testing.assert_array_equal(x[key], y[key])
 
 
+@pytest.mark.parametrize('cache', [False, True])
+def test_a_stream_without_outliers_gives_the_same_id_batches(demo_cfg, cache):
+    """Stage 1 (cross-entropy) reads no outlier: its batches are the full stream's ID part."""
+    cfg = ml_collections.ConfigDict({**demo_cfg.to_dict(), 'cache': cache})
+    full = _take(_stream(cfg, seed=5), 11)  # crosses an epoch (9 steps)
+    resumed = _take(_stream(cfg, seed=5, start_step=4, outliers=False), 7)
+    assert all(b.keys() == {'image', 'label'} for b in resumed)
+    for x, y in zip(full[4:], resumed):
+        np.testing.assert_array_equal(x['image'], y['image'])
+        np.testing.assert_array_equal(x['label'], y['label'])
+    # it does not even need the outlier dataset to exist
+    gone = ml_collections.ConfigDict({**cfg.to_dict(), 'outlier_dataset': 'no_such_dataset'})
+    assert next(_stream(gone, seed=5, outliers=False)).keys() == {'image', 'label'}
+
+
 def test_two_processes_read_disjoint_parts(demo_cfg):
     parts = [_stream(demo_cfg, seed=0, process_index=p, process_count=2) for p in (0, 1)]
     assert parts[0].steps_per_epoch == parts[1].steps_per_epoch

@@ -450,3 +450,16 @@ def test_one_compilation_per_stage(data_dirs, tmp_path):
     finally:
         pylogging.getLogger('jax').removeHandler(handler)
     assert len(compiled) == 2, compiled  # baseline stage, LMoE stage
+
+
+def test_metric_accumulator_averages_every_metric_over_the_log_interval():
+    rng = np.random.default_rng(0)
+    steps = [{'loss/total': np.float32(rng.normal()), 'accuracy': np.float32(rng.uniform()),
+              'lam': np.float32(rng.uniform())} for _ in range(5)]
+    accumulate, collection = trainer.make_metric_accumulator(steps[0]), None
+    for metrics in steps:
+        collection = accumulate(collection, {k: jax.numpy.asarray(v) for k, v in metrics.items()})
+    got = trainer.collection_to_scalars(collection)
+    for name in steps[0]:
+        np.testing.assert_allclose(got[f'train/{name}'], np.mean([m[name] for m in steps]),
+                                   rtol=1e-6)
