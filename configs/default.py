@@ -92,6 +92,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # the last k, plus the best by validation accuracy
     c.eval_batch_size = 64
     c.profile = False  # CLU profile of a few steps
-    c.compilation_cache_dir = placeholder(str)  # None = <workdir>/jax_cache; '' disables
+    c.compilation_cache_dir = placeholder(str)  # None = $JAX_COMPILATION_CACHE_DIR or <workdir>/jax_cache; '' = JAX's own
     c.scores = ('msp', 'max_logit', 'energy', 'odin', 'gen', 'kl_matching', 'mahalanobis', 'vim', 'react')
     return c

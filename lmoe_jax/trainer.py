@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -155,10 +156,15 @@ class Setup:
 
 
 def enable_compilation_cache(config, workdir: str) -> None:
+    """JAX's persistent cache of XLA programs, so a restart does not compile again: in
+    ``config.compilation_cache_dir``, else ``$JAX_COMPILATION_CACHE_DIR`` (one cache shared by
+    many runs, e.g. a sweep or a test session), else ``<workdir>/jax_cache``; '' leaves JAX's
+    own setting alone."""
     cache = config.get('compilation_cache_dir')
     if cache == '':
         return
-    cache = cache or str(checkpoint.as_path(workdir) / 'jax_cache')
+    cache = (cache or os.environ.get('JAX_COMPILATION_CACHE_DIR')
+             or str(checkpoint.as_path(workdir) / 'jax_cache'))
     jax.config.update('jax_compilation_cache_dir', str(cache))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

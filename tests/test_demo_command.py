@@ -45,7 +45,8 @@ def demo_run(tmp_path_factory):
         f'--config.data.animal_mnist_dir={root / "animals"}',
         f'--config.data.data_dir={root / "tfds"}',
     ]
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}  # as from a fresh shell
+    env = {k: v for k, v in os.environ.items()  # as from a fresh shell
+           if k not in ('PYTHONPATH', 'JAX_COMPILATION_CACHE_DIR')}
     env.update(XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     return out, workdir

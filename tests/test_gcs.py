@@ -122,6 +122,7 @@ def test_train_and_eval_with_workdir_and_tfds_data_on_gcs(gcs, tmp_path):  # noq
     cwd.mkdir()
     env = {**os.environ, **gcs.env, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu',
            'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)  # the product's default: the cache in the workdir
     command = [sys.executable, os.path.join(ROOT, 'main.py'),
                f'--config={os.path.join(ROOT, "configs", "tiny.py")}',
                f'--workdir={gcs.gs("run")}', '--mode=train_and_eval',

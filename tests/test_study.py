@@ -2,7 +2,9 @@
 the run order, the pairing of its variants (same stage-1 checkpoint, batches and lam), and the
 FPR@95 decomposition of benchmarks/score_analysis.py."""
 import hashlib
+import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -137,45 +139,6 @@ def test_fill_tables_copies_the_generated_block_between_markers():
         ft.fill('<!-- table: Nothing -->\n<!-- /table -->', source)
 
 
-def test_smoke_study_end_to_end_on_fake_data(tmp_path):
-    """The script as a user runs it (--smoke, a subprocess), on small fake idx files: four runs
-    land in the JSONL, each with its per-image scores, whose AUROC sklearn recomputes."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from sklearn.metrics import roc_auc_score
-    import data_fixtures as fx
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    fx.write_fake_fashion(str(tmp_path / 'fashion'), num_train=400, num_test=60)
-    fx.write_fake_animals(str(tmp_path / 'animals'), num=80, duplicates=0)
-    out = tmp_path / 'out'
-    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', PYTHONPATH=root)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(root, 'benchmarks', 'compare_methods.py'), '--smoke',
-         f'--out={out}', f'--workdir={tmp_path / "work"}', f'--data_dir={tmp_path / "tfds"}',
-         f'--data=fashion_mnist_dir={tmp_path / "fashion"}',
-         f'--data=animal_mnist_dir={tmp_path / "animals"}', '--data=coarse_ood=animal_mnist'],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    records = [json.loads(line) for line in (out / 'results.jsonl').read_text().splitlines()]
-    assert [r['variant'] for r in records] == ['stage1', 'baseline', 'mixoe_mixup', 'lmoe']
-    for r in records:
-        assert r['protocol']['baseline_steps'] == 20 and r['protocol']['finetune_steps'] == 10
-        # the test numbers are main.py's report of the run (trainer.evaluate_run's files)
-        with open(os.path.join(root, r['workdir'], 'ood_report.json')) as f:  # absolute here
-            report = json.load(f)
-        assert r['test']['msp/fine_auroc'] == report['scores']['msp']['fine_mean']['openood_auroc']
-        assert r['test']['id_acc'] == report['id_accuracy']
-        with np.load(out / r['scores_file']) as z:
-            id_s, ood_s = z['id_test/msp'], z['fine_ood_test/msp']
-            labels = np.r_[np.zeros(len(id_s)), np.ones(len(ood_s))]  # OOD positive
-            assert r['test']['msp/fine_auroc'] == pytest.approx(
-                roc_auc_score(labels, -np.r_[id_s, ood_s]), abs=1e-12)
-            assert set(np.unique(z['outlier_val/label'])) == {-1}
-    assert '**Main comparison, TEST sets, MSP score**' in (out / 'tables.md').read_text()
-
-
 def _fake_data(tmp_path):
     import data_fixtures as fx
     fx.write_fake_fashion(str(tmp_path / 'fashion'), num_train=400, num_test=60)
@@ -195,7 +158,9 @@ def test_variants_of_one_seed_see_one_baseline_the_same_batches_and_the_same_lam
         tmp_path, monkeypatch):
     """The study's own loop (cm.main, in process) with every runner the trainer builds wrapped:
     what each step of each stage really received (batch bytes, the state's step, the step key,
-    the start parameters) and what it drew (lam, from the step's metrics)."""
+    the start parameters) and what it drew (lam, from the step's metrics). Then its outputs:
+    every run in the JSONL with main.py's report numbers and per-image scores whose AUROC
+    sklearn recomputes, and the tables. (One study run serves both: it is the suite's costliest.)"""
     import jax
     from lmoe_jax import checkpoint, parallel, trainer
     real_make_runner = parallel.make_runner
@@ -210,7 +175,9 @@ def test_variants_of_one_seed_see_one_baseline_the_same_batches_and_the_same_lam
 
         def recording_step(state, local_batch):
             entry = {'step': int(jax.device_get(state.step)),
-                     'batch': _digest([local_batch[k] for k in ('image', 'label', 'ood_image')])}
+                     'batch': _digest([local_batch['image'], local_batch['label']]),
+                     'outliers': _digest([local_batch['ood_image']])  # stage 1 reads none
+                     if 'ood_image' in local_batch else None}
             if not log['steps']:
                 log['start_params'] = _digest(jax.tree.leaves(jax.device_get(state.params)))
             state, metrics = step(state, local_batch)  # state donated: read before
@@ -252,6 +219,8 @@ def test_variants_of_one_seed_see_one_baseline_the_same_batches_and_the_same_lam
     # the pairing: same steps, batches, step key and lam in both variants of seed 0
     assert [e['step'] for e in mix0['steps']] == [e['step'] for e in kl0['steps']] == [0, 1, 2]
     assert [e['batch'] for e in mix0['steps']] == [e['batch'] for e in kl0['steps']]
+    assert [e['outliers'] for e in mix0['steps']] == [e['outliers'] for e in kl0['steps']]
+    assert None not in [e['outliers'] for e in mix0['steps']]
     assert mix0['key'] == kl0['key']
     assert [e['lam'] for e in mix0['steps']] == [e['lam'] for e in kl0['steps']]
     # ... and it is not so by construction: lam is drawn anew every step, the losses differ,
@@ -259,8 +228,25 @@ def test_variants_of_one_seed_see_one_baseline_the_same_batches_and_the_same_lam
     lams = [e['lam'] for e in mix0['steps']]
     assert len(set(lams)) == 3 and all(0.0 < x < 1.0 for x in lams)
     assert [e['loss'] for e in mix0['steps']] != [e['loss'] for e in kl0['steps']]
-    assert all(a['batch'] != b['batch'] and a['lam'] != b['lam']
+    assert all(a['batch'] != b['batch'] and a['outliers'] != b['outliers'] and a['lam'] != b['lam']
                for a, b in zip(mix0['steps'], mix1['steps']))
     assert mix1['key'] != mix0['key']
     # the trainer's stage 2 restarts the seed's stream: it replays stage 1's first batches
     assert [e['batch'] for e in mix0['steps']] == [e['batch'] for e in base0['steps'][:3]]
+
+    # the outputs: each JSONL record is the run's main.py report (trainer.evaluate_run's files),
+    # and its per-image scores give the same AUROC in sklearn's hands
+    from sklearn.metrics import roc_auc_score
+    for r in records.values():
+        assert r['protocol']['baseline_steps'] == 4 and r['protocol']['finetune_steps'] == 3
+        with open(os.path.join(r['workdir'], 'ood_report.json')) as f:
+            report = json.load(f)
+        assert r['test']['msp/fine_auroc'] == report['scores']['msp']['fine_mean']['openood_auroc']
+        assert r['test']['id_acc'] == report['id_accuracy']
+        with np.load(out / r['scores_file']) as z:
+            id_s, ood_s = z['id_test/msp'], z['fine_ood_test/msp']
+            labels = np.r_[np.zeros(len(id_s)), np.ones(len(ood_s))]  # OOD positive
+            assert r['test']['msp/fine_auroc'] == pytest.approx(
+                roc_auc_score(labels, -np.r_[id_s, ood_s]), abs=1e-12)
+            assert set(np.unique(z['outlier_val/label'])) == {-1}
+    assert '**Main comparison, TEST sets, MSP score**' in (out / 'tables.md').read_text()

@@ -263,40 +263,49 @@ def _two_processes(data_dirs, workdir, steps, *extra):
     return outs
 
 
-def test_two_process_run_saves_and_restores(data_dirs, tmp_path):
-    """Not numerics (tests/test_equivalence.py compares one step on 2 processes x 4 devices):
-    2 processes (gloo), each reading its own half of every global batch, save at step 6 and
-    restore together to reach 12."""
-    workdir = str(tmp_path / 'multi')
-    _two_processes(data_dirs, workdir, 6)
-    assert final_params(workdir)[0] == 6
-    _two_processes(data_dirs, workdir, 12)  # restores the step-6 checkpoint on both processes
-    step, params = final_params(workdir)
-    assert step == 12
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
-
-
 EVAL_SCORES = "('msp','energy','kl_matching','mahalanobis')"
 
 
-def test_two_process_train_and_eval_gives_the_one_process_report(data_dirs, tmp_path):
-    """--mode=train_and_eval on 2 processes with ID validation, a fine-grained and a coarse OOD
-    set: both return and process 0 alone prints the report. One process (8 devices) evaluating
-    the same checkpoint scores every image the same up to float32 rounding (the forward runs on
-    another device layout), and from the same scores the one-process metrics code gives the
-    two-process report's metrics to 1e-6."""
+def test_two_processes_save_restore_train_and_eval_then_eval_again(data_dirs, tmp_path):
+    """One workdir, three two-process commands (gloo; numerics are tests/test_equivalence.py's):
+    1. train 6 steps, each process reading its own half of every global batch;
+    2. the same run to 8 steps with --mode=train_and_eval: both processes restore step 6, train,
+       return, and process 0 alone prints the report (ID validation, fine and coarse OOD sets);
+    3. --mode=eval alone (config read from the checkpoint) writes the report again.
+    Then one process (8 devices) evaluating the same checkpoint scores every image the same up
+    to float32 rounding (the forward runs on another device layout), and from the same scores
+    the one-process metrics code gives the two-process report's metrics to 1e-6."""
     import json
     from lmoe_jax import evaluate
-    workdir = str(tmp_path / 'multi_eval')
-    outs = _two_processes(data_dirs, workdir, 8, '--config.data.val_fraction=0.2',
-                          f'--config.scores={EVAL_SCORES}', '--mode=train_and_eval')
+    workdir = str(tmp_path / 'multi')
+    common = ('--config.data.val_fraction=0.2', f'--config.scores={EVAL_SCORES}')
+    _two_processes(data_dirs, workdir, 6, *common)
+    assert final_params(workdir)[0] == 6
+    outs = _two_processes(data_dirs, workdir, 8, *common, '--mode=train_and_eval')
+    assert f'resumed from {checkpoint.checkpoint_dir(workdir)} at step 6' in outs[0], outs[0]
+    step, params = final_params(workdir)
+    assert step == 8 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
     assert 'OOD report of' in outs[0] and 'OOD report of' not in outs[1]
     assert '[lmoe]' not in outs[1] and '[eval]' not in outs[1], outs[1]  # process 0 alone talks
-    with open(os.path.join(workdir, 'ood_report.json')) as f:
+    report = os.path.join(workdir, 'ood_report.json')
+    with open(report) as f:
         multi = json.load(f)
     with np.load(os.path.join(workdir, 'ood_scores.npz')) as npz:
         multi_scores = {k: npz[k] for k in npz.files}
     assert set(multi['kinds'].values()) == {'id', 'fine_ood', 'coarse_ood'}
+
+    os.remove(report)
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'main.py'), f'--workdir={workdir}', '--mode=eval',
+         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+        env=env(devices=4, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo'),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err.decode()[-4000:]
+    with open(report) as f:
+        assert json.load(f)['scores'] == multi['scores']  # same checkpoint, same layout
 
     c = tiny_config(data_dirs, num_train_steps=8, scores=tuple(eval(EVAL_SCORES)),
                     **{'data.val_fraction': 0.2})
@@ -325,22 +334,6 @@ def test_two_process_train_and_eval_gives_the_one_process_report(data_dirs, tmp_
             for key, value in values.items():
                 assert multi['scores'][score][row][key] == pytest.approx(value, abs=1e-6), \
                     (score, row, key)
-
-
-def test_two_process_eval_mode(data_dirs, tmp_path):
-    """--mode=eval alone on 2 processes (config read from the checkpoint) writes the report."""
-    workdir = str(tmp_path / 'multi_eval_only')
-    trainer.run(tiny_config(data_dirs, num_train_steps=4), workdir, 'train')
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, 'main.py'), f'--workdir={workdir}', '--mode=eval',
-         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-        env=env(devices=4, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo'),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=400)
-        assert p.returncode == 0, err.decode()[-4000:]
-    assert os.path.getsize(os.path.join(workdir, 'ood_report.json')) > 0
 
 
 def test_cub_config_with_pretrained_weights_starts_from_them(tmp_path):
@@ -463,3 +456,21 @@ def test_metric_accumulator_averages_every_metric_over_the_log_interval():
     for name in steps[0]:
         np.testing.assert_allclose(got[f'train/{name}'], np.mean([m[name] for m in steps]),
                                    rtol=1e-6)
+
+
+def test_compilation_cache_dir_from_the_config_else_the_environment_else_the_workdir(
+        tmp_path, monkeypatch):
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'env'))
+        trainer.enable_compilation_cache(tiny.get_config(), str(tmp_path / 'work'))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'env')
+        c = tiny.get_config()
+        c.compilation_cache_dir = str(tmp_path / 'mine')
+        trainer.enable_compilation_cache(c, str(tmp_path / 'work'))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'mine')
+        monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
+        trainer.enable_compilation_cache(tiny.get_config(), str(tmp_path / 'work'))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'work' / 'jax_cache')
+    finally:
+        jax.config.update('jax_compilation_cache_dir', before)
