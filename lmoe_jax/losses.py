@@ -297,6 +297,11 @@ class Method:
         return needs_mix_logits(self.weights)
 
     @property
+    def needs_outliers(self) -> bool:
+        """Whether the train batches must carry outliers (stage 1's cross-entropy does not)."""
+        return self.needs_ood or self.needs_mix
+
+    @property
     def needs_lam(self) -> bool:
         return self.needs_mix or float(self.weights.logit_mix) != 0.0
 

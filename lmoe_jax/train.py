@@ -129,7 +129,7 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *, method
     rng = jax.random.fold_in(rng, state.step)
     x, labels = batch['image'], batch['label']
     x_ood = batch.get('ood_image')
-    if (method.needs_ood or method.needs_mix) and x_ood is None:
+    if method.needs_outliers and x_ood is None:
         raise ValueError(f"method {method.name!r} needs batch['ood_image']")
     lam = jnp.ones((), jnp.float32)
     x_mix = None

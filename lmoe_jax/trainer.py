@@ -223,7 +223,8 @@ def make_metric_accumulator(names) -> Callable:
     """``accumulate(collection_or_None, step_metrics) -> collection``, one jitted call a step.
 
     CLU's ``single_from_model_output`` + ``merge`` run eagerly dispatch a few tiny ops per
-    metric: 10 ms a step for LMoE's nine metrics on 2 CPU cores, a quarter of a demo step.
+    metric: 11 ms a step for LMoE's nine metrics on 2 CPU cores (benchmarks/loop_overheads.py),
+    a quarter of a demo stage-1 step.
     """
     collection_cls = make_train_collection(names)
 
@@ -342,16 +343,12 @@ def intact_checkpoint(mngr) -> str:
 # Training
 # --------------------------------------------------------------------------------------------------
 
-def uses_outliers(method: losses.Method) -> bool:
-    return bool(method.needs_ood or method.needs_mix)
-
-
 def _batches(config, method: losses.Method, start_step: int) -> Iterator[dict]:
     """This process's train batches; a method that uses no outlier gets none (stage 1)."""
     from lmoe_jax import data
     per_process = int(config.batch_size) // jax.process_count()
     return iter(data.train_stream(config.data, batch_size=per_process, seed=int(config.seed),
-                                  start_step=start_step, outliers=uses_outliers(method)))
+                                  start_step=start_step, outliers=method.needs_outliers))
 
 
 def check_workdir_writable(workdir) -> epath.Path:
@@ -493,7 +490,7 @@ def train_stage(config, workdir, stop: '_StopFlag | None' = None, *, stage: str 
             _TerminalLine(stage, total)])
         if fresh:
             _log_run_description(config, state, writer)
-        outliers = config.batch_size if uses_outliers(setup.method) else 0
+        outliers = config.batch_size if setup.method.needs_outliers else 0
         console(f'[{stage}] {total - start} steps to go ({setup.steps_per_epoch} per epoch), batch '
                 f'{config.batch_size} ID + {outliers} outliers, {jax.device_count()} devices '
                 f'({jax.process_count()} processes), {config.parallelism}')
