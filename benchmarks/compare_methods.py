@@ -128,6 +128,16 @@ MAIN = {
     'mixoe_cutmix': ('mixoe_cutmix', {}),
     'lmoe': _lmoe(),
 }
+#: The chosen preset's settings (`lmoe`: the reconstruction with consistency 0.1), pinned too.
+CHOSEN = {**RECONSTRUCTED, 'consistency': 0.1}
+#: Issue 21's variants that keep LMoE's terms and address the margin cap its logit mixture puts on
+#: the clean ID margin (docs/comparison.md, "The margin cap"): the library's presets of the same
+#: name, pinned like the others; main variants, so they run on every seed.
+CAP = {
+    'logit_mixoe': ('logit_mixoe', {**CHOSEN, 'input_mix': 5.0}),
+    'lmoe_sg': ('lmoe_sg', {**CHOSEN, 'logit_mix_stop_id': True}),
+    'logit_mixoe_sg': ('logit_mixoe_sg', {**CHOSEN, 'input_mix': 5.0, 'logit_mix_stop_id': True}),
+}
 ABLATION = {  # issue 13's ablation: each line changes one thing of 'lmoe'
     'lmoe:logit_mix_only': _lmoe(consistency=0.0),
     'lmoe:consistency_only': _lmoe(logit_mix=0.0),
@@ -144,7 +154,7 @@ EXTRA = {  # further variants, run only when named in --variants
     'lmoe:sg_mixed_input': _lmoe(stop_gradient='mixed_input'),
     'lmoe:sg_logit_mixture': _lmoe(stop_gradient='logit_mixture'),
 }
-VARIANTS = {**MAIN, **ABLATION, **EXTRA}
+VARIANTS = {**MAIN, **CAP, **ABLATION, **EXTRA}
 #: the reconstructed LMoE variants clean validation chooses among (the preset and its ablation)
 LMOE_CANDIDATES = (LMOE_REFERENCE, 'lmoe:kl', 'lmoe:consistency0.1', 'lmoe:consistency3',
                    'lmoe:logit_mix1', 'lmoe:+input_mix5')
@@ -593,7 +603,8 @@ def run(args) -> None:
                            cache_dir=str(checkpoint.as_path(workdir) / 'jax_cache'))
     # resumed / split invocations do not recompile every variant
     trainer.enable_compilation_cache(config_of(0), str(workdir))
-    names = [n for n in args.variants.split(',') if n] if args.variants else list(MAIN) + list(ABLATION)
+    names = ([n for n in args.variants.split(',') if n] if args.variants
+             else list(MAIN) + list(CAP) + list(ABLATION))
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f'unknown variant(s) {unknown}; choose from {list(VARIANTS)}')
@@ -825,7 +836,8 @@ def summarize_protocol(records: Sequence[dict], protocol: Mapping[str, Any]) -> 
     selection, chosen = selection_table(records)
     picks = [chosen['variant'], chosen['leader']] if chosen else []
     extra = [n for n in dict.fromkeys(picks) if n not in MAIN]
-    main = ['stage1'] + list(MAIN) + extra
+    main = ['stage1'] + list(MAIN) + [n for n in CAP if any(r['variant'] == n for r in records)]
+    main += [n for n in extra if n not in main]
     ablation = [LMOE_REFERENCE, REFERENCE] + list(ABLATION) + [n for n in EXTRA if any(
         r['variant'] == n for r in records)]
     out = [f'Protocol: `{json.dumps(protocol, sort_keys=True)}`. Values x100, mean ± sample std over '
@@ -911,7 +923,7 @@ def main(argv=None) -> None:
                         help='seeds (among --seeds) of the LMoE ablation, which also choose the '
                              'lmoe candidate on validation; run first')
     parser.add_argument('--variants', default='',
-                        help='comma list (default: MAIN and ABLATION); see VARIANTS')
+                        help='comma list (default: MAIN, CAP and ABLATION); see VARIANTS')
     parser.add_argument('--baseline_steps', type=int, default=None,
                         help="stage-1 steps (default: the demo config's baseline_epochs, 5 epochs)")
     parser.add_argument('--finetune_steps', type=int, default=None,

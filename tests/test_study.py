@@ -97,6 +97,17 @@ def test_study_variants_are_the_issue_ablation():
     assert (chosen.mix, chosen.alpha, chosen.lam_per_example) == (
         preset.mix, preset.alpha, preset.lam_per_example)
     assert set(cm.MAIN) == {'baseline', 'oe', 'energy_oe', 'mixoe_mixup', 'mixoe_cutmix', 'lmoe'}
+    # issue 21's cap variants are the library's presets, and main variants (every seed)
+    assert set(cm.CAP) == {'logit_mixoe', 'lmoe_sg', 'logit_mixoe_sg'}
+    for name, (preset_name, overrides) in cm.CAP.items():
+        pinned, library = losses.get_method(preset_name, overrides), losses.get_method(name)
+        assert pinned.weights == library.weights, name
+        assert (pinned.mix, pinned.alpha, pinned.lam_per_example) == (
+            library.mix, library.alpha, library.lam_per_example), name
+    assert losses.get_method('lmoe_sg').weights.logit_mix_stop_id
+    assert losses.get_method('logit_mixoe').weights.input_mix == 5.0
+    # seed 0 is not an ablation seed here: only a main variant runs on it
+    assert (0, 'lmoe_sg') in cm.plan(['baseline', 'lmoe_sg'], seeds=[0, 1], ablation_seeds=[1])
     assert set(cm.LMOE_CANDIDATES) <= set(cm.ABLATION) | {'lmoe'}
 
 
