@@ -174,11 +174,15 @@ def parse_classes(text: str) -> List[int]:
 
 def demo_config(data_dir: str, *, id_classes: Optional[Sequence[int]] = None,
                 split: Optional[int] = None, outlier_val_fraction: float = 0.1,
-                data_overrides: Sequence[str] = ()):
+                data_overrides: Sequence[str] = (), leave_out: Sequence[int] = ()):
     """The demo config with a class split (explicit ID classes, or MixOE split ``split`` of
     the config's 6 of 10; neither: the config's own {0, 1, 2, 3, 8, 9}), the share of the
     outliers held out for validation and ``KEY=VALUE`` overrides of ``config.data`` (the value
-    parsed as the field's type; a tuple field takes a comma list)."""
+    parsed as the field's type; a tuple field takes a comma list).
+
+    ``leave_out`` (ID classes of that split): a leave-classes-out selection run. Those classes
+    become its fine-grained OOD and the split's own OOD classes (the test's) are ignored: no image
+    of them is read, so nothing chosen on such a run has seen the test's OOD classes."""
     from configs import fashion_mnist
     cfg = fashion_mnist.get_config()
     cfg.data.data_dir = str(data_dir)
@@ -203,6 +207,18 @@ def demo_config(data_dir: str, *, id_classes: Optional[Sequence[int]] = None,
     elif split is not None:
         cfg.data.id_classes = None
         cfg.data.split = int(split)
+    if leave_out:
+        from lmoe_jax import data
+        split_ = data.class_split(cfg.data.num_classes, cfg.data.num_id_classes, cfg.data.split,
+                                  cfg.data.id_classes)
+        stray = sorted(set(leave_out) - set(split_.id_classes))
+        if stray:
+            raise SystemExit(f'--leave_out {stray}: not ID classes of {list(split_.id_classes)}')
+        kept = tuple(c for c in split_.id_classes if c not in set(leave_out))
+        if len(kept) < 2:
+            raise SystemExit('--leave_out must leave at least 2 ID classes')
+        cfg.data.id_classes, cfg.data.num_id_classes = kept, len(kept)
+        cfg.data.ignore_classes = tuple(split_.ood_classes)
     cfg.data.outlier_val_fraction = float(outlier_val_fraction)
     return cfg
 
@@ -295,6 +311,8 @@ def config_hash(config) -> str:
     """Short hash of a stage's config: the name of its cached run."""
     from lmoe_jax import trainer
     fields = {k: v for k, v in trainer.config_to_dict(config).items() if k not in _NOT_HASHED}
+    if fields['data'].get('ignore_classes') is None:  # a field added after the first trainer runs
+        fields['data'].pop('ignore_classes', None)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -570,7 +588,7 @@ def study_protocol(cfg, args) -> tuple[Dict[str, Any], int]:
     the steps per epoch, counted as ``trainer.make_setup`` counts them."""
     from lmoe_jax import data
     split = data.class_split(cfg.data.num_classes, cfg.data.num_id_classes, cfg.data.split,
-                             cfg.data.id_classes)
+                             cfg.data.id_classes, cfg.data.get('ignore_classes'))
     steps_per_epoch = epoch_steps(cfg)
     baseline_steps = args.baseline_steps or max(
         int(round(float(cfg.baseline_epochs) * steps_per_epoch)), 1)
@@ -583,6 +601,8 @@ def study_protocol(cfg, args) -> tuple[Dict[str, Any], int]:
                 'outlier_val_fraction': float(cfg.data.outlier_val_fraction),
                 'fine_diag_size': args.fine_diag_size, 'selection': 'id_val+outlier_val',
                 'path': PATH}
+    if split.ignored_classes:  # a leave-classes-out run: its OOD classes are held-out ID classes
+        protocol.update(leave_out=list(split.ood_classes), ignored=list(split.ignored_classes))
     return protocol, steps_per_epoch
 
 
@@ -590,7 +610,7 @@ def run(args) -> None:
     from lmoe_jax import checkpoint, trainer
     cfg = demo_config(args.data_dir, id_classes=parse_classes(args.id_classes or ''),
                       split=args.split, outlier_val_fraction=args.outlier_val_fraction,
-                      data_overrides=args.data)
+                      data_overrides=args.data, leave_out=parse_classes(args.leave_out))
     trainer.prepare_datasets(cfg.data)
     protocol, steps_per_epoch = study_protocol(cfg, args)
     workdir = epath.Path(args.workdir)
@@ -934,6 +954,9 @@ def main(argv=None) -> None:
                         help='ID classes of Fashion-MNIST, e.g. 0,1,2,3,8,9 (the default split)')
     parser.add_argument('--split', type=int, default=None,
                         help='instead of --id_classes: MixOE class split N (6 of 10 classes)')
+    parser.add_argument('--leave_out', default='',
+                        help='ID classes held out as pseudo-OOD (a leave-classes-out selection '
+                             'run; the split\'s OOD classes are then read nowhere), e.g. 8,9')
     parser.add_argument('--outlier_val_fraction', type=float, default=0.1,
                         help='share of the Animal-MNIST outliers held out for selection')
     parser.add_argument('--fine_diag_size', type=int, default=2000,

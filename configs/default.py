@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.num_id_classes = 150  # n of them are in-distribution, the rest fine-grained OOD
     c.data.split = 0  # MixOE class split index (0, 1, 2 are standard)
     c.data.id_classes = None  # explicit list of ID class ids, overrides `split`
+    c.data.ignore_classes = None  # class ids in no set (neither ID nor OOD): leave-classes-out runs
     c.data.outlier_dataset = 'places365_small'  # auxiliary outliers for exposure
     c.data.coarse_ood = ('dtd', 'oxford_flowers102')  # coarse OOD test sets
     c.data.val_fraction = 0.0  # share of ID training images held out as ID validation

@@ -115,7 +115,8 @@ def _validate_data_config(data_config) -> None:
     from lmoe_jax import data
     try:
         data.class_split(int(data_config.num_classes), int(data_config.num_id_classes),
-                         int(data_config.get('split', 0) or 0), data_config.get('id_classes'))
+                         int(data_config.get('split', 0) or 0), data_config.get('id_classes'),
+                         data_config.get('ignore_classes'))
         data.transform_from_config(data_config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -136,7 +137,9 @@ def _identity(config) -> dict:
             'data.image_size': config.data.image_size, 'data.dataset': config.data.dataset, 'data.num_id_classes': config.data.num_id_classes,
             'data.split': config.data.split,
             'data.id_classes': (list(config.data.id_classes) if config.data.id_classes is not None
-                                else None)}
+                                else None),
+            'data.ignore_classes': (list(config.data.ignore_classes)
+                                    if config.data.get('ignore_classes') is not None else None)}
 
 
 # --------------------------------------------------------------------------------------------------

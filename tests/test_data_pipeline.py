@@ -179,6 +179,35 @@ def test_validation_sets_hold_out_train_images_not_test(demo_cfg):
     assert info.num_id_classes == 6 and info.class_split.ood_classes == (4, 5, 6, 7)
 
 
+def test_ignored_classes_are_read_nowhere(demo_cfg):
+    """A leave-classes-out run: ID {0,1,2,3}, its OOD the held-out ID classes {8,9}, and the
+    split's own OOD classes {4..7} ignored: no set, train or eval, may hold one of their images."""
+    cfg = ml_collections.ConfigDict(demo_cfg.to_dict())
+    cfg.id_classes, cfg.num_id_classes, cfg.ignore_classes = [0, 1, 2, 3], 4, [4, 5, 6, 7]
+    cfg.val_fraction = 0.25
+    kw = dict(batch_size=B, process_index=0, process_count=1)
+    train = [i for i in range(NUM_TRAIN) if i % 10 < 4]
+    test = [i for i in range(1000, 1000 + NUM_TEST) if (i - 1000) % 10 < 4]
+    seen = {}
+    for s in (data.validation_datasets(cfg, **kw) + data.eval_datasets(cfg, **kw)
+              + [data.fine_ood_diagnostic_dataset(cfg, **kw), data.id_train_eval_dataset(cfg, **kw)]):
+        rows = _collect(s)
+        seen[s.name] = (sorted(fx.decode_tags(rows['image'])[0]), rows['label'])
+    fit, val = seen['id_train'][0], seen['id_val'][0]
+    assert sorted(fit + val) == train and val
+    assert seen['id_test'][0] == test
+    assert set(seen['id_test'][1]) == {0, 1, 2, 3}  # remapped over the four ID classes
+    assert seen['fine_ood_test'][0] == [i for i in range(1000, 1000 + NUM_TEST) if (i - 1000) % 10 >= 8]
+    assert seen['fine_ood_diag'][0] == [i for i in range(NUM_TRAIN) if i % 10 >= 8]
+    stream = _stream(cfg, seed=0)
+    batches = _take(stream, stream.steps_per_epoch)
+    trained = np.concatenate([fx.decode_tags(b['image'])[0] for b in batches])
+    assert set(trained) <= set(train) and set(np.concatenate([b['label'] for b in batches])) <= {0, 1, 2, 3}
+    info = data.dataset_info(cfg, process_count=1)
+    assert info.class_split.ood_classes == (8, 9) and info.class_split.ignored_classes == (4, 5, 6, 7)
+    assert info.train_size == len(fit)
+
+
 @pytest.mark.parametrize('cache', [False, True])
 def test_outlier_validation_is_held_out_from_the_outlier_stream(demo_cfg, cache):
     cfg = ml_collections.ConfigDict(demo_cfg.to_dict())

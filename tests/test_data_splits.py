@@ -42,3 +42,18 @@ def test_label_map_remaps_id_classes_in_sorted_order():
 def test_bad_splits_say_what_to_fix(kwargs, match):
     with pytest.raises(ValueError, match=match):
         class_split(**kwargs)
+
+
+def test_ignored_classes_leave_the_ood_side_and_map_apart():
+    # leave-classes-out: ID {0,1,2,3}, OOD the held-out ID classes {8, 9}, the test's OOD ignored
+    split = class_split(10, 4, id_classes=[3, 2, 1, 0], ignore_classes=[7, 4, 6, 5])
+    assert split == ((0, 1, 2, 3), (8, 9), (4, 5, 6, 7)) and split.num_classes == 10
+    np.testing.assert_array_equal(split.label_map(), [0, 1, 2, 3, -2, -2, -2, -2, -1, -1])
+    assert class_split(10, 6, split=0).ignored_classes == ()
+
+
+@pytest.mark.parametrize('ignore,match', [([0, 4], r'ID classes \[0\]'), ([10], 'outside 0..9'),
+                                          ([4, 5, 6, 7, 8, 9], 'no fine-grained OOD class')])
+def test_bad_ignored_classes_say_what_to_fix(ignore, match):
+    with pytest.raises(ValueError, match=match):
+        class_split(10, 4, id_classes=[0, 1, 2, 3], ignore_classes=ignore)

@@ -261,3 +261,15 @@ def test_variants_of_one_seed_see_one_baseline_the_same_batches_and_the_same_lam
                 roc_auc_score(labels, -np.r_[id_s, ood_s]), abs=1e-12)
             assert set(np.unique(z['outlier_val/label'])) == {-1}
     assert '**Main comparison, TEST sets, MSP score**' in (out / 'tables.md').read_text()
+
+
+def test_leave_out_makes_a_run_that_ignores_the_test_ood_classes():
+    cfg = cm.demo_config('unused', id_classes=[0, 1, 2, 3, 8, 9], leave_out=[8, 9])
+    assert (tuple(cfg.data.id_classes), cfg.data.num_id_classes) == ((0, 1, 2, 3), 4)
+    assert tuple(cfg.data.ignore_classes) == (4, 5, 6, 7)  # the test's OOD classes: read nowhere
+    split1 = cm.demo_config('unused', split=1, leave_out=[0, 9])  # MixOE split 1: ID {0,2,3,4,6,9}
+    assert tuple(split1.data.id_classes) == (2, 3, 4, 6) and tuple(split1.data.ignore_classes) == (1, 5, 7, 8)
+    assert cm.demo_config('unused').data.get('ignore_classes') is None
+    for bad, match in (([4], 'not ID classes'), ([0, 1, 2, 3, 8], 'at least 2')):
+        with pytest.raises(SystemExit, match=match):
+            cm.demo_config('unused', id_classes=[0, 1, 2, 3, 8, 9], leave_out=bad)

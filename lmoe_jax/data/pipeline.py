@@ -33,7 +33,7 @@ from absl import logging
 from lmoe_jax.data import image_lists, preprocess, sources
 from lmoe_jax.data.preprocess import transform_from_config
 from lmoe_jax.data.sources import DataConfigError, _get
-from lmoe_jax.data.splits import ClassSplit, class_split
+from lmoe_jax.data.splits import OOD_LABEL, ClassSplit, class_split
 from lmoe_jax.ood.sources import EvalSet  # one EvalSet type for the data module and the evaluation
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -109,8 +109,8 @@ class _IdData:
     def is_id(self, label: tf.Tensor) -> tf.Tensor:
         return self.id_label(label) >= 0
 
-    def is_ood(self, label: tf.Tensor) -> tf.Tensor:
-        return self.id_label(label) < 0
+    def is_ood(self, label: tf.Tensor) -> tf.Tensor:  # not ID and not ignored
+        return tf.equal(self.id_label(label), OOD_LABEL)
 
 
 def _id_data(cfg) -> _IdData:
@@ -127,7 +127,7 @@ def _id_data(cfg) -> _IdData:
     if not lists:
         sources.check_num_classes(builder, name, num_classes)
     split = class_split(num_classes, int(_get(cfg, 'num_id_classes')), int(_get(cfg, 'split', 0)),
-                        _get(cfg, 'id_classes'))
+                        _get(cfg, 'id_classes'), _get(cfg, 'ignore_classes', None))
     if lists:
         return _IdData(name, builder, split, **_listed_splits(builder, lists, num_classes, cfg))
     spec = sources.spec(name)
@@ -234,7 +234,7 @@ def _np_is_id(data: _IdData) -> Callable[[np.ndarray], np.ndarray]:
 
 def _np_is_ood(data: _IdData) -> Callable[[np.ndarray], np.ndarray]:
     table = data.split.label_map()
-    return lambda labels: table[labels] < 0
+    return lambda labels: table[labels] == OOD_LABEL
 
 
 def _train_sizes(data: _IdData, process_count: int) -> tuple:
