@@ -726,7 +726,8 @@ def paired_stats(values: Mapping[int, float], reference: Mapping[int, float],
             'n': len(diffs)}
 
 
-def _by_variant(records: Sequence[dict], split: str, key: str) -> Dict[str, Dict[int, float]]:
+def by_variant(records: Sequence[dict], split: str, key: str) -> Dict[str, Dict[int, float]]:
+    """{variant: {seed: 100 * record[split][key]}} of the records that have that value."""
     table: Dict[str, Dict[int, float]] = {}
     for r in records:
         if key in r.get(split, {}):
@@ -758,8 +759,8 @@ def metric_table(records, names, split, columns, reference, title) -> str:
              '| variant | seeds | ' + ' | '.join(c[1] for c in columns)
              + f' | Δ {auroc_name} vs {reference} (wins) | Δ {fpr_name} vs {reference} (wins) |',
              '|' + ' --- |' * (len(columns) + 4)]
-    data = {key: _by_variant(records, split, key) for key, _ in columns}
-    auroc, fpr = _by_variant(records, split, auroc_key), _by_variant(records, split, fpr_key)
+    data = {key: by_variant(records, split, key) for key, _ in columns}
+    auroc, fpr = by_variant(records, split, auroc_key), by_variant(records, split, fpr_key)
     for name in names:
         n = len(data[columns[0][0]].get(name, {}))
         if not n:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Dict, Sequence
+from typing import Sequence
 
 from etils import epath
 
@@ -24,14 +24,6 @@ import compare_methods as cm  # noqa: E402
 METRICS = (('id_acc', 'ID acc', True), ('msp/fine_auroc', 'fine AUROC', True),
            ('msp/fine_fpr95', 'fine FPR95', False), ('msp/coarse_auroc', 'coarse AUROC', True),
            ('energy/fine_fpr95', 'fine FPR95 (Energy)', False))
-
-
-def test_values(records: Sequence[dict], key: str) -> Dict[str, Dict[int, float]]:
-    """{variant: {seed: 100 * test[key]}}."""
-    out: Dict[str, Dict[int, float]] = {}
-    for r in records:
-        out.setdefault(r['variant'], {})[r['seed']] = 100.0 * float(r['test'][key])
-    return out
 
 
 def _cell(d: dict) -> str:
@@ -45,11 +37,13 @@ def moved_table(old: Sequence[dict], new: Sequence[dict]) -> str:
              'standalone, [95% t interval], (seeds where the trainer is better / seeds))**', '',
              '| variant | seeds | ' + ' | '.join(f'{name}: standalone -> trainer, Δ' for _, name, _ in METRICS)
              + ' |', '|' + ' --- |' * (len(METRICS) + 2)]
-    first = test_values(new, METRICS[0][0])
-    for variant in [v for v in first if v in test_values(old, METRICS[0][0])]:
+    before = {key: cm.by_variant(old, 'test', key) for key, _, _ in METRICS}
+    after = {key: cm.by_variant(new, 'test', key) for key, _, _ in METRICS}
+    first = METRICS[0][0]
+    for variant in [v for v in after[first] if v in before[first]]:
         cells, seeds = [], None
         for key, _, higher in METRICS:
-            a, b = test_values(old, key)[variant], test_values(new, key)[variant]
+            a, b = before[key][variant], after[key][variant]
             common = sorted(set(a) & set(b))
             seeds = common
             d = cm.paired_stats({s: b[s] for s in common}, {s: a[s] for s in common}, higher)
@@ -67,11 +61,13 @@ def versus_reference_table(old: Sequence[dict], new: Sequence[dict],
     lines = [f'**Δ vs {reference} under each path, TEST sets, the same seeds (standalone | trainer)**', '',
              '| variant | seeds | ' + ' | '.join(f'Δ {name}' for _, name, _ in keys) + ' |',
              '|' + ' --- |' * (len(keys) + 2)]
-    base = test_values(new, keys[0][0])
-    for variant in [v for v in base if v != reference and v in test_values(old, keys[0][0])]:
+    before = {key: cm.by_variant(old, 'test', key) for key, _, _ in keys}
+    after = {key: cm.by_variant(new, 'test', key) for key, _, _ in keys}
+    first = keys[0][0]
+    for variant in [v for v in after[first] if v != reference and v in before[first]]:
         cells, seeds = [], []
         for key, _, higher in keys:
-            a, b = test_values(old, key), test_values(new, key)
+            a, b = before[key], after[key]
             seeds = sorted(set(a[variant]) & set(b[variant]) & set(a.get(reference, {}))
                            & set(b.get(reference, {})))
             if not seeds:

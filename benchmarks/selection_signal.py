@@ -45,19 +45,9 @@ MAX_ACC_DROP = cm.SELECTION_MAX_ACC_DROP
 INCUMBENT = cm.REFERENCE  # MixOE: what a fine-grained user runs today
 
 
-def per_seed(records: Sequence[dict], where: tuple) -> Dict[str, Dict[int, float]]:
-    """{variant: {seed: 100 * record[split][key]}}."""
-    split, key = where
-    table: Dict[str, Dict[int, float]] = {}
-    for r in records:
-        if split in r and key in r[split]:
-            table.setdefault(r['variant'], {})[r['seed']] = 100.0 * float(r[split][key])
-    return table
-
-
 def lco_signal(folds: Sequence[Sequence[dict]]) -> Dict[str, Dict[int, float]]:
     """{variant: {seed: the fold mean of SIGNAL}}, for the (variant, seed) pairs every fold has."""
-    tables = [per_seed(records, SIGNAL) for records in folds]
+    tables = [cm.by_variant(records, *SIGNAL) for records in folds]
     out: Dict[str, Dict[int, float]] = {}
     for variant in set.intersection(*(set(t) for t in tables)) if tables else ():
         seeds = set.intersection(*(set(t[variant]) for t in tables))
@@ -117,8 +107,8 @@ def agreement(signal: Mapping[str, Mapping[int, float]], target: Mapping[str, Ma
 def report(main_records: Sequence[dict], folds: Sequence[Sequence[dict]],
            candidates: Optional[Sequence[str]] = None) -> str:
     signal = lco_signal(folds)
-    target = per_seed(main_records, TARGET)
-    id_acc = per_seed(main_records, ('val', 'id_acc'))
+    target = cm.by_variant(main_records, *TARGET)
+    id_acc = cm.by_variant(main_records, 'val', 'id_acc')
     variants = [v for v in (candidates or [n for n in cm.VARIANTS if n in signal])
                 if v in signal and v in target]
     seeds = sorted(set.intersection(*(set(signal[v]) & set(target[v]) for v in variants))) \
