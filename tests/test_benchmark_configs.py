@@ -21,6 +21,7 @@ import pytest
 import data_fixtures as fx
 import outlier_fixtures as ofx
 from configs import cub
+from run_helpers import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {'nabirds': 'bird', 'butterfly': 'butterfly', 'cars': 'car', 'aircraft': 'aircraft'}
@@ -59,7 +60,7 @@ def test_configs_carry_mixoes_class_counts_and_lists():
 
 def _env():
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}  # as from a fresh shell
-    env.update(XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+    env.update(XLA_FLAGS=xla_flags(1), JAX_PLATFORMS='cpu')
     return env
 
 

@@ -19,6 +19,7 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
 import data_fixtures as fx
+from run_helpers import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TEST = 60  # fake test images, labels cycling 0..9
@@ -47,7 +48,7 @@ def demo_run(tmp_path_factory):
     ]
     env = {k: v for k, v in os.environ.items()  # as from a fresh shell
            if k not in ('PYTHONPATH', 'JAX_COMPILATION_CACHE_DIR')}
-    env.update(XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+    env.update(XLA_FLAGS=xla_flags(1), JAX_PLATFORMS='cpu')
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     return out, workdir
 

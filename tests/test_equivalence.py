@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import evaluate_worker
+from run_helpers import xla_flags
 
 U32 = 2.0 ** -24  # unit roundoff of float32
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,10 +41,7 @@ def free_port() -> str:
 def worker_env(devices: int) -> dict:
     """A child with ``devices`` CPU devices, gloo collectives, and this process's other XLA
     flags (an ISA limit, say: scripts/stress_equivalence.sh)."""
-    flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-             if not f.startswith('--xla_force_host_platform_device_count')]
-    flags.append(f'--xla_force_host_platform_device_count={devices}')
-    return {**os.environ, 'XLA_FLAGS': ' '.join(flags), 'JAX_PLATFORMS': 'cpu',
+    return {**os.environ, 'XLA_FLAGS': xla_flags(devices), 'JAX_PLATFORMS': 'cpu',
             'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo', 'PYTHONPATH': os.path.dirname(HERE)}
 
 

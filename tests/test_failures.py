@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 
 from lmoe_jax import checkpoint, trainer
-from test_trainer import cli, data_dirs, env, final_params, tiny_config  # noqa: F401  (fixture)
+from run_helpers import cli, env, final_params, tiny_config, write_data_dirs
+
+
+@pytest.fixture(scope='module')
+def data_dirs(tmp_path_factory):
+    return write_data_dirs(tmp_path_factory.mktemp('failure_data'))
 
 
 def _run_main(data_dirs, workdir, *extra, mode='train', timeout=300, config='configs/tiny.py'):

@@ -21,6 +21,7 @@ import data_fixtures as fx
 from gcs_emulator import gcs  # noqa: F401  (the fixture)
 from lmoe_jax.models import pretrained
 from lmoe_jax.ood import report
+from run_helpers import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,7 +122,7 @@ def test_train_and_eval_with_workdir_and_tfds_data_on_gcs(gcs, tmp_path):  # noq
     cwd = tmp_path / 'cwd'
     cwd.mkdir()
     env = {**os.environ, **gcs.env, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu',
-           'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+           'XLA_FLAGS': xla_flags(1)}
     env.pop('JAX_COMPILATION_CACHE_DIR', None)  # the product's default: the cache in the workdir
     command = [sys.executable, os.path.join(ROOT, 'main.py'),
                f'--config={os.path.join(ROOT, "configs", "tiny.py")}',

@@ -10,62 +10,17 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-import data_fixtures as fx
 from configs import tiny
 from lmoe_jax import checkpoint, trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from run_helpers import ROOT, cli, env, final_params, tiny_config, write_data_dirs
 
 
 @pytest.fixture(scope='module')
 def data_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp('trainer_data')
-    fx.write_fake_fashion(str(root / 'fashion'), num_train=400, num_test=60)
-    fx.write_fake_animals(str(root / 'animals'), num=80, duplicates=0)
-    return {'fashion_mnist_dir': str(root / 'fashion'), 'animal_mnist_dir': str(root / 'animals'),
-            'data_dir': str(root / 'tfds')}
-
-
-def tiny_config(data_dirs, **overrides):
-    c = tiny.get_config()
-    c.data.update(data_dirs)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split('.')
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
-
-
-def cli(data_dirs, workdir, *extra, config='configs/tiny.py'):
-    return [sys.executable, os.path.join(ROOT, 'main.py'), f'--config={os.path.join(ROOT, config)}',
-            f'--workdir={workdir}', '--mode=train',
-            *[f'--config.data.{k}={v}' for k, v in data_dirs.items()], *extra]
-
-
-def env(devices=8, **extra):
-    e = dict(os.environ)
-    e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-    e['JAX_PLATFORMS'] = 'cpu'
-    e['PYTHONPATH'] = ROOT
-    e.update(extra)
-    return e
-
-
-def final_params(workdir):
-    """The params of a run's latest checkpoint, as numpy, read back with plain Orbax."""
-    mngr = ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir), item_handlers={
-        'state': ocp.StandardCheckpointHandler()})
-    step = mngr.latest_step()
-    meta = mngr.item_metadata(step)['state']
-    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta)
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return step, jax.tree.map(np.asarray, state['state']['params'])
+    return write_data_dirs(tmp_path_factory.mktemp('trainer_data'))
 
 
 def assert_trees_equal(a, b):
