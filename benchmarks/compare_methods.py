@@ -59,7 +59,7 @@ Not shared with the trainer, and why:
   the others (ODIN, fitted scores) would cost a pass over ID train per run.
 
     .venv/bin/python benchmarks/compare_methods.py --out=benchmarks/results/study_split0 --id_classes=0,1,2,3,8,9
-    .venv/bin/python benchmarks/compare_methods.py --out=benchmarks/results/study_split1 --split=1
+    .venv/bin/python benchmarks/compare_methods.py --out=benchmarks/results/study_mixoe_split1 --split=1
     .venv/bin/python benchmarks/compare_methods.py --out=... --summarize   # tables only
     .venv/bin/python benchmarks/compare_methods.py --smoke   # 1 seed, a few steps, 3 variants
 
@@ -71,16 +71,12 @@ files of another protocol's records):
     flock /work/coord/heavy.lock .venv/bin/python benchmarks/compare_methods.py \
         --out=benchmarks/results/study_split0 --id_classes=0,1,2,3,8,9
 
-Time, estimated from ``--smoke`` (1 seed, 20 + 10 steps: 3.9 min locked incl. ~50 s of dataset
-preparation and eval-set loading, load 2.2-2.5 on 2 cores) and a 300-step check of the same
-command (``--seeds=0 --variants=baseline,lmoe --baseline_steps=300 --finetune_steps=300``:
-4.3 min, load 2.4-2.7): each run has a fixed cost of ~16-20 s (stage1: its evaluation) to
-~36-38 s (a variant: set-up, stream start, validation, checkpoints, evaluate_run, the second
-pass), against ~3 s in the standalone loop, and the trainer's steady step rate is 14 steps/s
-(baseline) and 4.6 (lmoe) against 26 and 7.9 in the old loop's cost table (load 1.8-2.3). The
-plan is 5 stage-1 + 53 variant runs: ~89 min of old-loop training x ~1.75 + ~35 min of fixed
-cost = about 3 h (the standalone loop: 92 min). Split it by --seeds / --variants if needed: a
-rerun resumes.
+Time, measured on the product path (2-core AMD EPYC, load 1.1-2.9): split 0's seeds 0-2 with
+the main and cap variants (3 stage-1 + 27 variant runs) took 92.7 min, i.e. ~31 min per seed;
+one more variant on 3 seeds 12.2 min (~4 min a run: ~36-38 s of it fixed cost, set-up, stream
+start, validation, checkpoints, evaluate_run and the second pass). The default plan is 5 seeds x
+(stage 1 + 9 main and cap variants) + 3 ablation seeds x 7 more rows = 71 runs, about 4 h. Split
+it by --seeds / --variants: a rerun resumes.
 """
 from __future__ import annotations
 
@@ -313,6 +309,7 @@ def config_hash(config) -> str:
     fields = {k: v for k, v in trainer.config_to_dict(config).items() if k not in _NOT_HASHED}
     if fields['data'].get('ignore_classes') is None:  # a field added after the first trainer runs
         fields['data'].pop('ignore_classes', None)
+    fields['data'].pop('autotune', None)  # tf.data performance only: the same batches either way
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 

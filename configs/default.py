@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.random_flip = True
     c.data.shuffle_buffer = 10_000
     c.data.cache = False  # decode small datasets once and keep them in memory (demo-sized sets)
+    # tf.data's autotuning (its model thread): off. On TF 2.21 destroying an epoch's iterator waits
+    # for that thread's current sleep (up to 60 s) at the epoch boundary; off, map parallelism is the
+    # core count and prefetch buffers still grow. docs/benchmarks.md: 'The epoch-boundary stall'.
+    c.data.autotune = False
     c.data.crop_padding = 0  # 28 px training: pad by k pixels, random-crop back
     c.data.outlier_shuffle_buffer = placeholder(int)  # None = shuffle_buffer
     c.data.coarse_ood_subsample = False  # cut each coarse OOD set to the ID test size (MixOE)

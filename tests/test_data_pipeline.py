@@ -98,6 +98,28 @@ def test_a_stream_without_outliers_gives_the_same_id_batches(demo_cfg, cache):
     assert next(_stream(gone, seed=5, outliers=False)).keys() == {'image', 'label'}
 
 
+@pytest.mark.parametrize('cache', [False, True])
+def test_tf_data_autotuning_is_off_unless_asked_and_changes_no_batch(demo_cfg, cache):
+    """Autotuning's model thread stalled every epoch boundary for up to 60 s (TF 2.21; issue 22):
+    it is off by default for the train epochs and the eval passes, and turning it on changes
+    neither the batches nor their order (the pipelines are deterministic)."""
+    off = ml_collections.ConfigDict({**demo_cfg.to_dict(), 'cache': cache})
+    on = ml_collections.ConfigDict({**off.to_dict(), 'autotune': True})
+    stream = _stream(off, seed=3)
+    assert stream._epoch(0, 0).options().autotune.enabled is False
+    assert _stream(on, seed=3)._epoch(0, 0).options().autotune.enabled is True
+    batches = {name: _take(_stream(cfg, seed=3), 11) for name, cfg in (('off', off), ('on', on))}
+    for x, y in zip(batches['off'], batches['on']):  # 11 steps cross an epoch (9 steps)
+        for key in ('image', 'label', 'ood_image'):
+            np.testing.assert_array_equal(x[key], y[key])
+    eval_sets = {name: data.eval_datasets(cfg, batch_size=B, process_index=0, process_count=1)
+                 for name, cfg in (('off', off), ('on', on))}
+    for a, b in zip(eval_sets['off'], eval_sets['on']):
+        for x, y in zip(a.batches(), b.batches()):
+            for key in x:
+                np.testing.assert_array_equal(x[key], y[key])
+
+
 def test_two_processes_read_disjoint_parts(demo_cfg):
     parts = [_stream(demo_cfg, seed=0, process_index=p, process_count=2) for p in (0, 1)]
     assert parts[0].steps_per_epoch == parts[1].steps_per_epoch

@@ -254,10 +254,16 @@ def dataset_info(data_config, *, process_count: Optional[int] = None) -> Dataset
         train_size=int(sum(sizes)), train_sizes=sizes)
 
 
-def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
+def _options(ds: tf.data.Dataset, cfg) -> tf.data.Dataset:
+    """Deterministic order; tf.data's autotuning model thread only if ``config.data.autotune``:
+    on TF 2.21 an iterator's destruction (every epoch boundary, every eval pass) waits for that
+    thread's current sleep, which grows to 60 s, so long-lived iterators stalled the train loop
+    for up to a minute per epoch (docs/benchmarks.md). Without it, AUTOTUNE map parallelism is
+    the core count and prefetch buffers still grow; the elements and their order are the same."""
     options = tf.data.Options()
     options.deterministic = True
     options.experimental_optimization.map_parallelization = True
+    options.autotune.enabled = bool(_get(cfg, 'autotune', False))
     return ds.with_options(options)
 
 
@@ -373,7 +379,7 @@ class TrainStream:
             ds = tf.data.Dataset.zip(ds, self._stream('ood', epoch, skip)).map(
                 lambda a, b: {'image': a['image'], 'label': a['label'], 'ood_image': b['image'],
                               'pos': a['pos'], 'ood_pos': b['pos']})
-        return _options(ds.prefetch(AUTOTUNE))
+        return _options(ds.prefetch(AUTOTUNE), self._cfg)
 
     def _generate(self, start_step: int) -> Iterator[dict]:
         first_epoch, step_in_epoch = divmod(start_step, self.steps_per_epoch)
@@ -442,7 +448,7 @@ def _eval_set(name: str, kind: str, builder, split, keep_np, keep_tf, label_tf, 
         ds = prepared.batch(batch_size).map(pad)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
         yielded = 0
-        for batch in _options(ds.prefetch(AUTOTUNE)).as_numpy_iterator():
+        for batch in _options(ds.prefetch(AUTOTUNE), cfg).as_numpy_iterator():
             yielded += int(batch['mask'].sum())
             yield batch
         if yielded != counts[process_index]:
