@@ -338,6 +338,43 @@ def train_baseline(config, seeds_dir: epath.Path) -> tuple[Any, epath.Path, Opti
     return (stage1, workdir) + (_train(stage1, workdir, 'baseline'),)
 
 
+def stage1_fingerprint(baseline_dir: epath.PathLike) -> str:
+    """sha256 of the stage-1 checkpoint every variant starts from (its best step and the bytes,
+    dtype, shape and tree path of each variable). Recorded with every run of the seed, so a
+    resumed study can tell whether a re-trained stage 1 is the one its records started from."""
+    import jax
+
+    from lmoe_jax import checkpoint
+    with checkpoint.reading(checkpoint.as_path(baseline_dir)) as mngr:
+        step = checkpoint.best_step(mngr)
+        variables = checkpoint.read_variables(mngr, step)
+    digest = hashlib.sha256(f'step {int(step)}'.encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f'{jax.tree_util.keystr(path)} {array.dtype} {array.shape}'.encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def check_same_stage1(records: Iterable[Mapping[str, Any]], seed: int, fingerprint: str) -> int:
+    """Stops the study if a recorded run of ``seed`` started from another stage-1 checkpoint
+    than ``fingerprint``: its pairing with the runs still to do would be broken. That happens
+    when the stage-1 cache is gone and stage 1 is trained again on another CPU (float sums in
+    another order: another checkpoint). Returns how many records of the seed carry no
+    fingerprint (written before it was recorded: not checkable)."""
+    of_seed = [r for r in records if int(r['seed']) == int(seed)]
+    other = sorted({r['stage1_sha256'] for r in of_seed if r.get('stage1_sha256')} - {fingerprint})
+    if other:
+        raise SystemExit(
+            f'seed {seed}: the stage-1 checkpoint now in the cache ({fingerprint[:12]}) is not the '
+            f'one this study\'s recorded runs of the seed started from ({other[0][:12]}): '
+            'pairing them with new runs would compare fine-tunes of different baselines. This '
+            'happens when the stage-1 cache was lost and stage 1 trained again on another '
+            'machine or CPU. Restore the --workdir cache, or run the whole class set again '
+            'into another --out.')
+    return sum(1 for r in of_seed if not r.get('stage1_sha256'))
+
+
 def train_variant(config, name: str, seeds_dir: epath.Path,
                   baseline_dir: epath.Path) -> tuple[Any, epath.Path, Optional[float]]:
     """Stage 2 of ``name`` from the seed's stage-1 run; (config, workdir, seconds or None)."""
@@ -631,6 +668,9 @@ def run(args) -> None:
         raise SystemExit(f'--ablation_seeds {ablation_seeds} must be among --seeds {seeds}')
     results = epath.Path(args.out) / 'results.jsonl'
 
+    def current_records():
+        return [r for r in read_results(results) if normalized(r['protocol']) == protocol]
+
     def pending():
         everything = read_results(results)
         records = [r for r in everything if normalized(r['protocol']) == protocol]
@@ -656,6 +696,7 @@ def run(args) -> None:
     print('eval sets: ' + ', '.join(f"{k} {len(v['label'])}" for k, v in arrays.items())
           + f' ({time.perf_counter() - t0:.0f}s)', flush=True)
     stage1_runs: Dict[int, tuple] = {}
+    fingerprints: Dict[int, str] = {}
     start_all = time.perf_counter()
     finished = 0
     while todo:
@@ -664,9 +705,15 @@ def run(args) -> None:
         seeds_dir = seed_dir(workdir, config)
         if seed not in stage1_runs:
             stage1_runs[seed] = train_baseline(config, seeds_dir)
+            fingerprints[seed] = stage1_fingerprint(stage1_runs[seed][1])
+            unchecked = check_same_stage1(current_records(), seed, fingerprints[seed])
+            if unchecked:
+                print(f'seed {seed}: {unchecked} earlier record(s) carry no stage-1 fingerprint; '
+                      'that they started from this checkpoint is not checked', flush=True)
         stage1, base_dir, base_seconds = stage1_runs[seed]
         t_run = time.perf_counter()
-        record = {'seed': seed, 'variant': name, 'protocol': protocol}
+        record = {'seed': seed, 'variant': name, 'protocol': protocol,
+                  'stage1_sha256': fingerprints[seed]}
         if name == 'stage1':  # the stage-1 checkpoint every variant starts from
             # train_seconds: the baseline's training when this process trained it (else None)
             run_config, run_dir = stage1, base_dir

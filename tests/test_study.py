@@ -262,6 +262,36 @@ def test_variants_of_one_seed_see_one_baseline_the_same_batches_and_the_same_lam
             assert set(np.unique(z['outlier_val/label'])) == {-1}
     assert '**Main comparison, TEST sets, MSP score**' in (out / 'tables.md').read_text()
 
+    # every record names the stage-1 checkpoint it started from; a study whose recorded runs of a
+    # seed started from another one (its cache lost, stage 1 trained again on another CPU)
+    # stops before it trains anything beside them
+    shas = {seed: {r['stage1_sha256'] for (s, _), r in records.items() if s == seed} for seed in (0, 1)}
+    assert all(len(v) == 1 for v in shas.values()) and shas[0] != shas[1]
+    lines = (out / 'results.jsonl').read_text().splitlines()
+    edited = [json.loads(line) for line in lines]
+    for r in edited:
+        if r['seed'] == 1:
+            r['stage1_sha256'] = '0' * 64
+    (out / 'results.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in edited))
+    runs.clear()
+    with pytest.raises(SystemExit, match='seed 1: the stage-1 checkpoint now in the cache'):
+        cm.main(['--seeds=0,1', '--ablation_seeds=0', '--variants=mixoe_mixup,lmoe:kl,oe',
+                 '--baseline_steps=4', '--finetune_steps=3', '--fine_diag_size=50', f'--out={out}',
+                 f'--workdir={tmp_path / "work"}', *_fake_data(tmp_path)])
+    # seed 0's new run (oe) went ahead: its records match; seed 1's did not start
+    assert [r['method'] for r in runs if r['steps']] == ['oe']
+    assert {(r['seed'], r['variant']) for r in cm.read_results(out / 'results.jsonl')} == set(
+        records) | {(0, 'oe')}
+
+
+def test_check_same_stage1_stops_on_another_checkpoint_and_counts_unfingerprinted_records():
+    records = [{'seed': 0, 'stage1_sha256': 'a' * 64}, {'seed': 0},  # written before the field
+               {'seed': 1, 'stage1_sha256': 'b' * 64}]
+    assert cm.check_same_stage1(records, 0, 'a' * 64) == 1
+    assert cm.check_same_stage1(records, 2, 'c' * 64) == 0  # a new seed: nothing to compare
+    with pytest.raises(SystemExit, match='seed 1: .* is not the one'):
+        cm.check_same_stage1(records, 1, 'a' * 64)
+
 
 def test_leave_out_makes_a_run_that_ignores_the_test_ood_classes():
     cfg = cm.demo_config('unused', id_classes=[0, 1, 2, 3, 8, 9], leave_out=[8, 9])
