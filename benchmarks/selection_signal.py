@@ -41,6 +41,12 @@ import compare_methods as cm  # noqa: E402  (the study's records, protocol and p
 
 SIGNAL = ('fine_diag', 'msp/fine_fpr95')  # LCO run: ID val vs the held-out fold's train images
 TARGET = ('test', 'msp/fine_fpr95')  # main run: ID test vs the test's fine-grained OOD classes
+# Signals to compare LCO with, read off the main study's own records: the held-out outliers (what
+# selection reads today) and the diagnostic of the test's OOD classes' *training* images (not
+# admissible for selection: it sees those classes; how well a near-OOD signal could do at best).
+REFERENCES = {'held-out outliers (val, MSP FPR@95)': ('val', 'msp/outlier_fpr95'),
+              "main run's fine_diag (test classes' train images; not admissible)":
+                  ('fine_diag', 'msp/fine_fpr95')}
 MAX_ACC_DROP = cm.SELECTION_MAX_ACC_DROP
 INCUMBENT = cm.REFERENCE  # MixOE: what a fine-grained user runs today
 
@@ -127,6 +133,12 @@ def report(main_records: Sequence[dict], folds: Sequence[Sequence[dict]],
         lines += ['', f"Spearman rho (variant means, LCO vs test): {a['rho']:.3f} "
                   f"[{a['lo']:.3f}, {a['hi']:.3f}] (bootstrap over seeds, {a['n_boot']} draws); "
                   'per seed: ' + ', '.join(f'{k}: {r:.3f}' for k, r in a['per_seed'].items())]
+        for name, (split, key) in REFERENCES.items():
+            other = cm.by_variant(main_records, split, key)
+            if all(set(seeds) <= set(other.get(v, {})) for v in variants):
+                b = agreement(other, target, variants, seeds)
+                lines.append(f"- for comparison, {name} vs test: {b['rho']:.3f} "
+                             f"[{b['lo']:.3f}, {b['hi']:.3f}]")
         chosen = select(signal, id_acc, variants, seeds)
         if chosen:
             d = chosen['leader_vs_incumbent']

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
 import selection_signal as ss  # noqa: E402
 
 
-def _record(variant, seed, *, diag_fpr=None, test_fpr=None, val_acc=None):
+def _record(variant, seed, *, diag_fpr=None, test_fpr=None, val_acc=None, outlier_fpr=None):
     r = {'variant': variant, 'seed': seed}
     if diag_fpr is not None:
         r['fine_diag'] = {'msp/fine_fpr95': diag_fpr}
@@ -16,6 +16,8 @@ def _record(variant, seed, *, diag_fpr=None, test_fpr=None, val_acc=None):
         r['test'] = {'msp/fine_fpr95': test_fpr}
     if val_acc is not None:
         r['val'] = {'id_acc': val_acc}
+    if outlier_fpr is not None:
+        r.setdefault('val', {})['msp/outlier_fpr95'] = outlier_fpr
     return r
 
 
@@ -84,3 +86,16 @@ def test_report_reads_study_records():
     assert '| mixoe_mixup | 30.00 ± 0.00 | 60.00 ± 0.00 |' in text
     assert 'Spearman rho (variant means, LCO vs test): 1.000' in text
     assert 'chosen: **mixoe_mixup**' in text
+
+
+def test_report_compares_lco_with_the_main_studys_own_signals():
+    # test order baseline < mixoe < lmoe < oe; held-out outliers rank them in reverse; the main
+    # run's fine_diag has no records, so that comparison line is left out, not made up
+    tests = {'baseline': 50, 'mixoe_mixup': 60, 'lmoe': 70, 'oe': 80}
+    main = [_record(v, s, test_fpr=t / 100, val_acc=0.95, outlier_fpr=(100 - t) / 100)
+            for s in (0, 1) for v, t in tests.items()]
+    folds = [[_record(v, s, diag_fpr=t / 200) for s in (0, 1) for v, t in tests.items()]]
+    text = ss.report(main, folds)
+    assert 'Spearman rho (variant means, LCO vs test): 1.000' in text
+    assert '- for comparison, held-out outliers (val, MSP FPR@95) vs test: -1.000' in text
+    assert 'fine_diag (test classes' not in text
