@@ -21,7 +21,9 @@ THE RULE (committed before any LCO number was seen; ``select``): among the candi
 mean ID validation accuracy in the main study is at most ``MAX_ACC_DROP`` points below the
 cross-entropy control's, the leader has the lowest LCO FPR@95 (MSP, averaged over the folds, then
 over the seeds). It replaces the incumbent only if the paired difference (per seed, fold mean)
-has its 95% Student-t interval below 0; otherwise the incumbent stays.
+has its 95% Student-t interval below 0; otherwise the incumbent stays, unless the incumbent
+itself fails the accuracy guard: then the leader is taken (the code has done this since the rule
+was committed, in fd41b56; this sentence was missing from the docstring until the LCO runs).
 
 Agreement (``agreement``): Spearman's rho between the variants' mean LCO FPR@95 and their mean
 test fine-grained FPR@95 (both over the same seeds), with a bootstrap interval that resamples
@@ -133,6 +135,14 @@ def report(main_records: Sequence[dict], folds: Sequence[Sequence[dict]],
         lines += ['', f"Spearman rho (variant means, LCO vs test): {a['rho']:.3f} "
                   f"[{a['lo']:.3f}, {a['hi']:.3f}] (bootstrap over seeds, {a['n_boot']} draws); "
                   'per seed: ' + ', '.join(f'{k}: {r:.3f}' for k, r in a['per_seed'].items())]
+        if len(folds) > 1:  # how much the ranking depends on which classes are held out
+            for records in folds:
+                one = lco_signal([records])
+                if all(set(seeds) <= set(one.get(v, {})) for v in variants):
+                    b = agreement(one, target, variants, seeds)
+                    held = records[0]['protocol'].get('leave_out') if records else '?'
+                    lines.append(f"- fold {held} alone vs test: {b['rho']:.3f} "
+                                 f"[{b['lo']:.3f}, {b['hi']:.3f}]")
         for name, (split, key) in REFERENCES.items():
             other = cm.by_variant(main_records, split, key)
             if all(set(seeds) <= set(other.get(v, {})) for v in variants):

@@ -50,6 +50,12 @@ def test_rule_takes_a_resolved_leader_and_keeps_the_incumbent_otherwise():
     signal, id_acc = _tables({'mixoe_mixup': [60, 40, 50], 'a': [45, 52, 49], 'b': [10, 10, 10]}, acc)
     chosen = ss.select(signal, id_acc, ['a', 'b'], seeds)
     assert chosen['leader'] == 'a' and chosen['variant'] == 'mixoe_mixup'
+    # the incumbent loses 5 points of ID val accuracy: it is not eligible and the leader is
+    # taken even though its interval spans 0
+    acc_low = {**acc, 'mixoe_mixup': [90, 90, 90]}
+    signal, id_acc = _tables({'mixoe_mixup': [60, 40, 50], 'a': [45, 52, 49], 'b': [10, 10, 10]}, acc_low)
+    chosen = ss.select(signal, id_acc, ['a', 'b'], seeds)
+    assert chosen['eligible'] == ['a'] and chosen['variant'] == 'a'
     # a seed missing: no choice yet
     signal['a'].pop(2)
     assert ss.select(signal, id_acc, ['a', 'b'], seeds) is None
@@ -99,3 +105,18 @@ def test_report_compares_lco_with_the_main_studys_own_signals():
     assert 'Spearman rho (variant means, LCO vs test): 1.000' in text
     assert '- for comparison, held-out outliers (val, MSP FPR@95) vs test: -1.000' in text
     assert 'fine_diag (test classes' not in text
+
+
+def test_report_gives_each_folds_own_agreement():
+    # two folds that rank the variants in opposite orders: the fold mean hides it, the per-fold
+    # lines show it (one fold +1, the other -1)
+    tests = {'baseline': 50, 'mixoe_mixup': 60, 'lmoe': 70}
+    main = [_record(v, s, test_fpr=t / 100, val_acc=0.95) for s in (0, 1) for v, t in tests.items()]
+    agree = [dict(_record(v, s, diag_fpr=t / 1000), protocol={'leave_out': [8, 9]})
+             for s in (0, 1) for v, t in tests.items()]
+    oppose = [dict(_record(v, s, diag_fpr=(300 - 2 * t) / 1000), protocol={'leave_out': [0, 2]})
+              for s in (0, 1) for v, t in tests.items()]
+    text = ss.report(main, [agree, oppose])
+    assert '- fold [8, 9] alone vs test: 1.000' in text
+    assert '- fold [0, 2] alone vs test: -1.000' in text
+    assert '- fold' not in ss.report(main, [agree])  # one fold: nothing to split
