@@ -25,6 +25,18 @@ has its 95% Student-t interval below 0; otherwise the incumbent stays, unless th
 itself fails the accuracy guard: then the leader is taken (the code has done this since the rule
 was committed, in fd41b56; this sentence was missing from the docstring until the LCO runs).
 
+RESULT of that design (2026-12-08, docs/comparison.md): rho -0.467 [-0.533, -0.083] against the
+test; fold {0,2} alone -0.883. Each fold held out a pair of siblings together, so no held-out class
+kept a near sibling among the ID classes, unlike every test OOD class.
+
+SECOND DESIGN, committed 2026-12-08 before any run of it: single-class folds whose nearest sibling
+stays ID: {0} (T-shirt; Pullover stays), {2} (Pullover; T-shirt stays), {3} (Dress; T-shirt
+stays), i.e. ``--leave_out=0``, ``=2``, ``=3`` into ``study_split0_lco_0``, ``_2``, ``_3``, same
+variants and seeds, same rule (``select``). The signal is adopted for selection only if its rho
+against the test's fine FPR@95 on the demo split has a bootstrap interval above 0 and a point
+estimate above the held-out outliers' (0.767 on seeds 0-2); otherwise selection keeps reading the
+held-out outliers. Not run yet (about 2 h on 2 cores).
+
 Agreement (``agreement``): Spearman's rho between the variants' mean LCO FPR@95 and their mean
 test fine-grained FPR@95 (both over the same seeds), with a bootstrap interval that resamples
 seeds; and rho per seed.
