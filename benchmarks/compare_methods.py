@@ -548,6 +548,13 @@ def read_results(path: epath.PathLike) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def study_records(folder: epath.PathLike, path: str = PATH) -> List[dict]:
+    """The records of ``folder``/results.jsonl that ran on ``path`` (``PATH``: this script on the
+    trainer; 'standalone': the loop it had before), for the scripts that read a study's records."""
+    return [r for r in read_results(epath.Path(folder) / 'results.jsonl')
+            if normalized(r['protocol'])['path'] == path]
+
+
 def append_result(path: epath.PathLike, record: Mapping[str, Any]) -> None:
     """Add one line by rewriting the (small) file atomically: works on gs:// too."""
     path = epath.Path(path)

@@ -88,10 +88,8 @@ def main(argv=None) -> None:
     parser.add_argument('--trainer', required=True)
     parser.add_argument('--out', default=None)
     args = parser.parse_args(argv)
-    old = [r for r in cm.read_results(epath.Path(args.standalone) / 'results.jsonl')
-           if cm.normalized(r['protocol'])['path'] == 'standalone']
-    new = [r for r in cm.read_results(epath.Path(args.trainer) / 'results.jsonl')
-           if cm.normalized(r['protocol'])['path'] == cm.PATH]
+    old = cm.study_records(args.standalone, 'standalone')
+    new = cm.study_records(args.trainer)
     same = {json.dumps({k: v for k, v in cm.normalized(r['protocol']).items() if k != 'path'},
                        sort_keys=True) for r in list(old) + list(new)}
     if len(same) != 1:

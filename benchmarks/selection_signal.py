@@ -177,8 +177,7 @@ def main(argv=None) -> None:
     parser.add_argument('--lco', required=True, help='comma list of leave-classes-out study folders')
     parser.add_argument('--out', default=None, help='markdown file (default: <main>/selection_lco.md)')
     args = parser.parse_args(argv)
-    main_records = [r for r in cm.read_results(epath.Path(args.main) / 'results.jsonl')
-                    if cm.normalized(r['protocol'])['path'] == cm.PATH]
+    main_records = cm.study_records(args.main)
     folds = [[r for r in cm.read_results(epath.Path(d) / 'results.jsonl')
               if r['protocol'].get('leave_out')] for d in args.lco.split(',') if d]
     text = report(main_records, folds)

@@ -32,23 +32,24 @@ METRICS = (('test', 'msp/fine_auroc', True, 'fine AUROC, MSP'),
 
 
 def product_records(folder: epath.PathLike) -> list:
-    return [r for r in cm.read_results(epath.Path(folder) / 'results.jsonl')
-            if cm.normalized(r['protocol'])['path'] == cm.PATH
-            and not r['protocol'].get('leave_out')]
+    return [r for r in cm.study_records(folder) if not r['protocol'].get('leave_out')]
 
 
-def verdict(d: Mapping[str, float]) -> int:
-    """+1 resolved better, -1 resolved worse, 0 not resolved (interval spans 0 or one seed).
-    ``d`` is already oriented: paired_stats' wins say which side is better."""
+def verdict(d: Mapping[str, float], higher_is_better: bool) -> int:
+    """+1 resolved better, -1 resolved worse, 0 not resolved (interval spans 0 or one seed), for
+    ``d`` = paired_stats of value - reference."""
     if d['n'] < 2 or not (d['lo'] > 0 or d['hi'] < 0):
         return 0
-    return 1 if (d['lo'] > 0) == d['higher_is_better'] else -1
+    return 1 if (d['lo'] > 0) == higher_is_better else -1
 
 
-def cell(d: Mapping[str, float]) -> str:
+VERDICT_MARK = {1: ' **better**', -1: ' **worse**', 0: ''}
+
+
+def cell(d: Mapping[str, float], higher_is_better: bool) -> str:
     if not d['n']:
         return '-'
-    mark = {1: ' **better**', -1: ' **worse**', 0: ''}[verdict(d)]
+    mark = VERDICT_MARK[verdict(d, higher_is_better)]
     return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] ({d['wins']}/{d['n']}){mark}"
 
 
@@ -60,19 +61,19 @@ def table(studies: Mapping[str, Sequence[dict]], metric: tuple,
              'better / seeds); better / worse: the interval excludes 0)', '',
              '| variant | ' + ' | '.join(names) + ' | better / worse / tied |',
              '| --- | ' + ' | '.join('---' for _ in names) + ' | --- |']
+    values = {name: cm.by_variant(records, split, key) for name, records in studies.items()}
     for v in variants:
-        cells, score = [], [0, 0, 0]
+        cells, count = [], {1: 0, -1: 0, 0: 0}
         for name in names:
-            values = cm.by_variant(studies[name], split, key)
-            if v not in values or reference not in values:
+            study = values[name]
+            if v not in study or reference not in study:
                 cells.append('-')
                 continue
-            d = dict(cm.paired_stats(values[v], values[reference], higher_is_better=higher),
-                     higher_is_better=higher)
-            cells.append(cell(d))
+            d = cm.paired_stats(study[v], study[reference], higher_is_better=higher)
+            cells.append(cell(d, higher))
             if d['n']:
-                score[{1: 0, -1: 1, 0: 2}[verdict(d)]] += 1
-        lines.append(f'| {v} | ' + ' | '.join(cells) + f' | {score[0]} / {score[1]} / {score[2]} |')
+                count[verdict(d, higher)] += 1
+        lines.append(f'| {v} | ' + ' | '.join(cells) + f' | {count[1]} / {count[-1]} / {count[0]} |')
     return '\n'.join(lines)
 
 
