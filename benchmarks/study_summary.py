@@ -7,7 +7,8 @@ side, and retyping numbers from four files is how tables drift from their record
         --study=demo=benchmarks/results/study_split0 \\
         --study=split0=benchmarks/results/study_mixoe_split0 \\
         --study=split1=benchmarks/results/study_mixoe_split1 \\
-        --out=benchmarks/results/summary.md
+        --study=fmnist8=benchmarks/results/study_fmnist8 \\
+        --out=benchmarks/results/summary_product_path.md
 
 Reads only product-path records (``protocol.path == 'trainer'``, no ``leave_out``); every cell is
 ``compare_methods.paired_stats`` over the seeds both variants have in that folder.
